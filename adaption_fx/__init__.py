@@ -1,0 +1,21 @@
+"""adaption-fx: LLaMA-Adapter (adaption prompts) as a torch.export graph pass.
+
+>>> from adaption_fx import AdaptionConfig, rewrite
+>>> model = rewrite(hf_model, AdaptionConfig(adapter_len=10, adapter_layers=2))  # doctest: +SKIP
+"""
+
+from adaption_fx.capture import CaptureError
+from adaption_fx.config import AdaptionConfig
+from adaption_fx.model import AdaptedModel
+from adaption_fx.passes.errors import AttentionNotFoundError, UnsupportedGraphError
+from adaption_fx.rewrite import rewrite
+
+__all__ = [
+    "AdaptedModel",
+    "AdaptionConfig",
+    "AttentionNotFoundError",
+    "CaptureError",
+    "UnsupportedGraphError",
+    "rewrite",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,295 @@
+"""Capture a model as a flat torch.export ATen graph, and bind call arguments to it."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from adaption_fx.passes.graph_copy import copy_flat_graph, graph_module_sharing
+from adaption_fx.passes.locate import check_aten_graph
+
+logger = logging.getLogger(__name__)
+
+
+class CaptureError(RuntimeError):
+    """torch.export could not capture the model."""
+
+
+@dataclass
+class CapturedModel:
+    """A model as one flat ATen graph plus what is needed to call it like the original.
+
+    Attributes:
+        graph_module: the base graph; takes the flat inputs positionally. Its weights are
+            the source's own tensor objects.
+        in_spec / out_spec: pytree specs of (args, kwargs) and of the output; None for a
+            graph captured without them (the flat inputs and outputs are used as they are).
+        defaults: keyword inputs captured as constants (e.g. ``use_cache=False``), filled in
+            when the caller leaves them out.
+        fill_attention_mask: the model is a Hugging Face causal LM, so a missing
+            ``attention_mask`` means "attend to every token".
+        loss_function: the source's Hugging Face loss (``labels=`` support), if any.
+        source_name: class name of what was captured, for messages.
+    """
+
+    graph_module: torch.fx.GraphModule
+    in_spec: pytree.TreeSpec | None
+    out_spec: pytree.TreeSpec | None
+    defaults: dict[str, Any] = field(default_factory=dict)
+    fill_attention_mask: bool = False
+    loss_function: Any = None
+    source_name: str = "model"
+    examples: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def positional_count(self) -> int:
+        if self.in_spec is None:
+            return 0
+        return self.in_spec.child(0).num_children
+
+    @property
+    def keyword_names(self) -> list[str]:
+        if self.in_spec is None:
+            return []
+        return list(self.in_spec.child(1).context)
+
+    def bind(self, args: tuple, kwargs: dict[str, Any]) -> list[Any]:
+        """Flatten a call's arguments into the graph's flat inputs, checking them first."""
+        if self.in_spec is None:
+            if kwargs:
+                raise TypeError(
+                    f"this graph takes positional inputs only, got keywords {sorted(kwargs)}"
+                )
+            return list(args)
+        n_pos = self.positional_count
+        names = self.keyword_names
+        pos = list(args[:n_pos])
+        extra = list(args[n_pos:])
+        if len(extra) > len(names):
+            raise TypeError(
+                f"{self.source_name} was captured with {n_pos + len(names)} inputs "
+                f"({', '.join(names)}); got {len(args)} positional arguments"
+            )
+        given = dict(zip(names, extra))
+        dup = sorted(set(given) & set(kwargs))
+        if dup:
+            raise TypeError(f"got multiple values for {dup}")
+        given.update(kwargs)
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise TypeError(
+                f"{self.source_name} was captured with inputs {names}; unexpected {unknown}"
+            )
+        if self.fill_attention_mask and "attention_mask" in names and given.get(
+            "attention_mask"
+        ) is None and isinstance(given.get("input_ids"), torch.Tensor):
+            given["attention_mask"] = torch.ones_like(given["input_ids"])
+        for name, value in self.defaults.items():
+            if name not in given:
+                given[name] = value
+            elif given[name] != value:
+                raise ValueError(
+                    f"{name}={given[name]!r} differs from the captured constant {value!r}; "
+                    "the graph was captured with that value"
+                )
+        missing = [n for n in names if n not in given]
+        if missing:
+            raise TypeError(f"missing inputs {missing} (captured with {names})")
+        for name in names:
+            self._check_tensor(name, given[name])
+        flat, spec = pytree.tree_flatten((tuple(pos), {n: given[n] for n in names}))
+        if spec != self.in_spec:
+            raise TypeError(
+                f"inputs do not match the captured structure:\n  captured {self.in_spec}\n  "
+                f"got      {spec}"
+            )
+        return flat
+
+    def _check_tensor(self, name: str, value: Any) -> None:
+        example = self.examples.get(name)
+        if example is None:
+            return
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if value.dim() != example.dim():
+            raise ValueError(
+                f"{name} must be {example.dim()}-d like the capture example, got shape "
+                f"{tuple(value.shape)}"
+            )
+        if value.dtype.is_floating_point != example.dtype.is_floating_point:
+            raise TypeError(f"{name} must have a dtype like {example.dtype}, got {value.dtype}")
+
+    def unflatten(self, outputs: Any) -> Any:
+        if self.out_spec is None:
+            return outputs
+        return pytree.tree_unflatten(list(outputs), self.out_spec)
+
+
+def _is_hf_causal_lm(model: torch.nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # transformers is a dependency, but capture works without it
+        return False
+    if not isinstance(model, PreTrainedModel):
+        return False
+    params = inspect.signature(model.forward).parameters
+    return "input_ids" in params and "attention_mask" in params
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _hf_example(model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    # Two rows of eight tokens: sizes above 1 keep batch and sequence symbolic in export.
+    device = _device_of(model)
+    ids = torch.ones(2, 8, dtype=torch.long, device=device)
+    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    dynamic: dict[str, Any] = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    constants: dict[str, Any] = {}
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        constants["use_cache"] = False
+        kwargs["use_cache"] = False
+        dynamic["use_cache"] = None
+    return kwargs, dynamic, constants
+
+
+def _auto_dynamic(value: Any) -> Any:
+    # Batch and sequence dims (the first two) may vary; torch.export decides which can.
+    if isinstance(value, torch.Tensor):
+        return {d: torch.export.Dim.AUTO for d in range(min(value.dim(), 2))} or None
+    return None
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: Any) -> Any:
+    was_training = model.training
+    model.eval()  # the frozen base runs deterministically (no dropout) in the captured graph
+    try:
+        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+    except Exception as exc:  # torch.export raises many types; the user needs the first line
+        first = next((line for line in str(exc).splitlines() if line.strip()), repr(exc))
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}: {first}"
+        ) from exc
+    finally:
+        model.train(was_training)
+
+
+def capture(model: Any, example_inputs: Any = None) -> CapturedModel:
+    """Capture ``model`` (nn.Module, ExportedProgram or GraphModule) as a flat ATen graph.
+
+    For an nn.Module, ``example_inputs`` is a dict of keyword inputs, a tuple of positional
+    inputs, or ``(args_tuple, kwargs_dict)``; the first two dims of each tensor are made
+    dynamic where torch.export allows. Hugging Face causal LMs need none: input_ids and
+    attention_mask examples are built, and use_cache is fixed to False.
+    """
+    if isinstance(model, torch.export.ExportedProgram):
+        captured = _from_graph_module(model.module(), type(model).__name__)
+        captured.defaults = _exported_constants(model, captured)
+        return captured
+    if isinstance(model, torch.fx.GraphModule):
+        return _from_graph_module(model, type(model).__name__)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            "model must be an nn.Module, a torch.fx.GraphModule or a "
+            f"torch.export.ExportedProgram, got {type(model).__name__}"
+        )
+    hf = _is_hf_causal_lm(model)
+    constants: dict[str, Any] = {}
+    if example_inputs is None:
+        if not hf:
+            raise ValueError(
+                f"example_inputs are needed to capture {type(model).__name__} (only Hugging "
+                "Face causal LMs get them built automatically)"
+            )
+        kwargs, dynamic, constants = _hf_example(model)
+        args: tuple = ()
+        dynamic_spec: Any = dynamic
+    else:
+        args, kwargs = _split_example(example_inputs)
+        dynamic_spec = (
+            tuple(_auto_dynamic(a) for a in args),
+            {k: _auto_dynamic(v) for k, v in kwargs.items()},
+        )
+        dynamic_spec = {**dict(zip(_positional_names(model, len(args)), dynamic_spec[0])),
+                        **dynamic_spec[1]}
+        constants = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+    logger.info("capturing %s with torch.export", type(model).__name__)
+    ep = _export(model, args, kwargs, dynamic_spec)
+    captured = _from_graph_module(ep.module(), type(model).__name__)
+    captured.defaults = constants
+    captured.fill_attention_mask = hf
+    captured.loss_function = getattr(model, "loss_function", None) if hf else None
+    captured.examples = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+    return captured
+
+
+def _positional_names(model: torch.nn.Module, n: int) -> list[str]:
+    params = [
+        p.name for p in inspect.signature(model.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(params) < n:
+        raise TypeError(f"{type(model).__name__}.forward takes {len(params)} positional "
+                        f"inputs, example_inputs has {n}")
+    return params[:n]
+
+
+def _split_example(example_inputs: Any) -> tuple[tuple, dict[str, Any]]:
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if (
+        isinstance(example_inputs, tuple)
+        and len(example_inputs) == 2
+        and isinstance(example_inputs[0], tuple)
+        and isinstance(example_inputs[1], dict)
+    ):
+        return example_inputs[0], dict(example_inputs[1])
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise TypeError(
+        "example_inputs must be a dict of keyword inputs, a tuple of positional inputs or "
+        f"(args, kwargs), got {type(example_inputs).__name__}"
+    )
+
+
+def _exported_constants(ep: torch.export.ExportedProgram, captured: CapturedModel) -> dict:
+    # Non-tensor keyword inputs (use_cache=False) were baked in; let callers omit them.
+    names = [None] * captured.positional_count + captured.keyword_names
+    values = list(ep.graph_signature.user_inputs)
+    if len(values) != len(names):
+        return {}
+    return {
+        n: v for n, v in zip(names, values)
+        if n is not None and not isinstance(v, str) and v is not None
+    }
+
+
+def _from_graph_module(gm: torch.fx.GraphModule, source_name: str) -> CapturedModel:
+    check_aten_graph(gm)
+    codegen = gm.graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    graph, _ = copy_flat_graph(gm)
+    flat = graph_module_sharing(gm, graph, class_name="BaseGraphModule")
+    captured = CapturedModel(
+        graph_module=flat,
+        in_spec=info.in_spec if info is not None else None,
+        out_spec=info.out_spec if info is not None else None,
+        source_name=source_name,
+    )
+    names = captured.keyword_names
+    captured.fill_attention_mask = "input_ids" in names and "attention_mask" in names
+    return captured

@@ -1,0 +1,289 @@
+"""AdaptedModel: a captured base graph plus named adapters, each bound to a rewritten graph."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
+
+import torch
+import torch.fx
+
+from adaption_fx.capture import CapturedModel
+from adaption_fx.config import AdaptionConfig
+from adaption_fx.passes.insert import (
+    AdaptionGraph,
+    adapter_tensor_shapes,
+    insert_adaption_prompt,
+)
+from adaption_fx.passes.locate import select_top_sites
+from adaption_fx.passes.site import AttentionSite
+
+logger = logging.getLogger(__name__)
+
+# A rewritten graph depends only on these; adapters that agree on them share one graph.
+StructureKey = tuple[int, tuple[int, ...], str, str]
+
+
+def structure_key(config: AdaptionConfig, sites: list[AttentionSite]) -> StructureKey:
+    return (config.adapter_len, tuple(s.index for s in sites), config.gate, config.gate_activation)
+
+
+class AdapterWeights(torch.nn.Module):
+    """One adapter's tensors, laid out so that named_parameters() gives PEFT's key paths.
+
+    ``model.layers.3.self_attn.adaption_prompt`` lives at that attribute path inside this
+    module, built from empty container modules.
+    """
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype,
+                 device: torch.device, generator: torch.Generator | None = None):
+        super().__init__()
+        for key, shape in shapes.items():
+            if key.endswith("adaption_prompt"):
+                data = torch.empty(shape, dtype=torch.float32, device="cpu").normal_(
+                    generator=generator
+                )
+            else:  # zero-init gate: training starts exactly at the base model
+                data = torch.zeros(shape, dtype=torch.float32)
+            self._install(key, torch.nn.Parameter(data.to(device=device, dtype=dtype)))
+
+    def _install(self, key: str, param: torch.nn.Parameter) -> None:
+        *path, name = key.split(".")
+        owner: torch.nn.Module = self
+        for part in path:
+            if part not in owner._modules:
+                owner.add_module(part, torch.nn.Module())
+            owner = owner._modules[part]
+        owner.register_parameter(name, param)
+
+    def tensors(self, keys: tuple[str, ...]) -> list[torch.Tensor]:
+        params = dict(self.named_parameters())
+        return [params[k] for k in keys]
+
+
+class IncompatibleKeys(NamedTuple):
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+class AdaptedModel(torch.nn.Module):
+    """A model whose top attention layers carry LLaMA-Adapter prompts.
+
+    Built by :func:`adaption_fx.rewrite`. Calls take the same arguments as the source model
+    and return the same output structure. The base weights are the source model's own
+    tensors (frozen, never copied); each adapter's prompts and gates are trainable
+    parameters. Adapters that share adapter_len, adapted layers and gate variant run the
+    same rewritten graph with different tensors bound to its adapter inputs.
+    """
+
+    def __init__(self, captured: CapturedModel, sites: list[AttentionSite]):
+        super().__init__()
+        self._captured = captured
+        self._sites = list(sites)
+        self.base_graph_module = captured.graph_module
+        self.adapter_weights = torch.nn.ModuleDict()
+        self._configs: dict[str, AdaptionConfig] = {}
+        self._adapter_structure: dict[str, StructureKey] = {}
+        self._graphs: dict[StructureKey, AdaptionGraph] = {}
+        self._active: str | None = None
+        self._enabled = True
+
+    # ----------------------------------------------------------------- inspection
+    @property
+    def sites(self) -> list[AttentionSite]:
+        """Every attention site found in the base graph, in execution order."""
+        return list(self._sites)
+
+    @property
+    def adapters(self) -> dict[str, AdaptionConfig]:
+        """The adapters by name, in the order they were added."""
+        return dict(self._configs)
+
+    @property
+    def active_adapter(self) -> str | None:
+        """Name of the adapter forward uses (None once every adapter was deleted)."""
+        return self._active
+
+    @property
+    def adapters_enabled(self) -> bool:
+        return self._enabled
+
+    def adapted_sites(self, adapter_name: str | None = None) -> list[AttentionSite]:
+        """The sites an adapter modifies (the active adapter by default)."""
+        name = self._resolve(adapter_name)
+        return list(self._graphs[self._adapter_structure[name]].sites)
+
+    @property
+    def graph_module(self) -> torch.fx.GraphModule:
+        """The graph forward runs now: the active adapter's rewritten graph, or the base
+        graph while adapters are disabled or none is left.
+
+        It takes the flat model inputs followed by the adapter tensors listed in
+        :meth:`adapter_inputs` (none for the base graph).
+        """
+        graph = self._active_graph()
+        return graph.graph_module if graph is not None else self.base_graph_module
+
+    def adapter_inputs(self) -> list[tuple[str, torch.Tensor]]:
+        """(state-dict key, tensor) pairs bound to the current graph's adapter inputs."""
+        graph = self._active_graph()
+        if graph is None:
+            return []
+        weights = self.adapter_weights[self._active]
+        return list(zip(graph.adapter_inputs, weights.tensors(graph.adapter_inputs)))
+
+    # ----------------------------------------------------------------- management
+    def add_adapter(self, adapter_name: str, config: AdaptionConfig,
+                    generator: torch.Generator | None = None) -> None:
+        """Add an adapter and make it active (as PEFT does). Nothing changes on error."""
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise TypeError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
+        if not isinstance(config, AdaptionConfig):
+            raise TypeError(f"config must be an AdaptionConfig, got {type(config).__name__}")
+        if adapter_name in self._configs:
+            raise ValueError(
+                f"an adapter named {adapter_name!r} already exists (adapters: "
+                f"{list(self._configs)}); delete it first or pick another name"
+            )
+        if adapter_name in self.adapter_weights or "." in adapter_name:
+            raise ValueError(f"adapter_name {adapter_name!r} is not usable as a module name")
+        selected = select_top_sites(self._sites, config.adapter_layers)
+        key = structure_key(config, selected)
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = insert_adaption_prompt(self.base_graph_module, selected, config)
+            logger.info("built rewritten graph for %s (%d sites)", key, len(selected))
+        first = self._sites[selected[0].index]
+        weight = self.base_graph_module.get_parameter(first.key_projection.weight)
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        weights = AdapterWeights(
+            adapter_tensor_shapes(selected, config), dtype, weight.device, generator
+        )
+        # Everything that can fail has run; commit.
+        self._graphs[key] = graph
+        self.adapter_weights[adapter_name] = weights
+        self._configs[adapter_name] = config
+        self._adapter_structure[adapter_name] = key
+        self._active = adapter_name
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the adapter forward uses (works while disabled too)."""
+        self._active = self._resolve(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter. Deleting the active one activates the first remaining one."""
+        name = self._resolve(adapter_name)
+        key = self._adapter_structure.pop(name)
+        del self._configs[name]
+        del self.adapter_weights[name]
+        if key not in self._adapter_structure.values():
+            del self._graphs[key]
+        if self._active == name:
+            self._active = next(iter(self._configs), None)
+
+    def disable_adapter_layers(self) -> None:
+        """Run the base graph: outputs are the source model's, bit for bit."""
+        self._enabled = False
+
+    def enable_adapter_layers(self) -> None:
+        """Run the active adapter's graph again."""
+        self._enabled = True
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context in which the base model runs; the previous state is restored after."""
+        was_enabled = self._enabled
+        self._enabled = False
+        try:
+            yield
+        finally:
+            self._enabled = was_enabled
+
+    def _resolve(self, adapter_name: str | None) -> str:
+        name = self._active if adapter_name is None else adapter_name
+        if name not in self._configs:
+            raise ValueError(
+                f"no adapter named {name!r}; adapters are {list(self._configs)}"
+            )
+        return name
+
+    def _active_graph(self) -> AdaptionGraph | None:
+        if not self._enabled or self._active is None:
+            return None
+        return self._graphs[self._adapter_structure[self._active]]
+
+    # ----------------------------------------------------------------- running
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the model: same arguments and output structure as the source model.
+
+        For Hugging Face causal LMs, ``labels=`` adds ``loss`` computed with the source
+        model's own loss function (outside the graph).
+        """
+        labels = kwargs.pop("labels", None) if self._captured.loss_function else None
+        flat = self._captured.bind(args, kwargs)
+        graph = self._active_graph()
+        if graph is None:
+            outputs = self.base_graph_module(*flat)
+        else:
+            tensors = self.adapter_weights[self._active].tensors(graph.adapter_inputs)
+            outputs = graph.graph_module(*flat, *tensors)
+        result = self._captured.unflatten(outputs)
+        if labels is not None:
+            logits = result.logits
+            result.loss = self._captured.loss_function(
+                logits=logits, labels=labels, vocab_size=logits.shape[-1]
+            )
+        return result
+
+    # ----------------------------------------------------------------- state
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """An adapter's tensors keyed ``<attention module path>.adaption_prompt|gate``."""
+        name = self._resolve(adapter_name)
+        return {k: v.detach() for k, v in self.adapter_weights[name].named_parameters()}
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        """The active adapter's tensors (the base weights belong to the source model).
+
+        Keys are PEFT's without ``base_model.model.``, e.g.
+        ``model.layers.3.self_attn.adaption_prompt``.
+        """
+        if args or kwargs.get("destination") is not None:
+            raise TypeError("AdaptedModel.state_dict() takes no destination/prefix arguments")
+        if self._active is None:
+            return {}
+        return self.adapter_state_dict(self._active)
+
+    def load_state_dict(  # type: ignore[override]
+        self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False
+    ) -> IncompatibleKeys:
+        """Load tensors into the active adapter. All keys and shapes are checked before any
+        tensor is written, so a failed load leaves the adapter as it was."""
+        if assign:
+            raise ValueError("assign=True is not supported: adapter tensors are copied in")
+        name = self._resolve(None)
+        params = dict(self.adapter_weights[name].named_parameters())
+        missing = sorted(set(params) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(params))
+        if strict and (missing or unexpected):
+            raise ValueError(
+                f"adapter {name!r}: missing keys {missing}, unexpected keys {unexpected}"
+            )
+        for key in set(params) & set(state_dict):
+            value = state_dict[key]
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{key}: expected a tensor, got {type(value).__name__}")
+            if tuple(value.shape) != tuple(params[key].shape):
+                raise ValueError(
+                    f"{key}: shape {tuple(value.shape)} does not fit the adapter's "
+                    f"{tuple(params[key].shape)}"
+                )
+        with torch.no_grad():
+            for key in set(params) & set(state_dict):
+                params[key].copy_(state_dict[key])
+        return IncompatibleKeys(missing, unexpected)
+
+    def extra_repr(self) -> str:
+        active = self._active if self._enabled else f"{self._active} (disabled)"
+        return f"sites={len(self._sites)}, adapters={list(self._configs)}, active={active}"

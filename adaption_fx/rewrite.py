@@ -1,0 +1,65 @@
+"""The one verb: rewrite(model, config) -> AdaptedModel."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from adaption_fx.capture import capture
+from adaption_fx.config import AdaptionConfig
+from adaption_fx.model import AdaptedModel
+from adaption_fx.passes.errors import UnsupportedGraphError
+from adaption_fx.passes.locate import locate_attention, select_top_sites
+
+logger = logging.getLogger(__name__)
+
+
+def rewrite(
+    model: Any,
+    config: AdaptionConfig,
+    *,
+    example_inputs: Any = None,
+    adapter_name: str = "default",
+    generator: torch.Generator | None = None,
+) -> AdaptedModel:
+    """Give ``model`` LLaMA-Adapter prompts in its top ``config.adapter_layers`` attention layers.
+
+    Args:
+        model: an nn.Module (captured with torch.export, batch and sequence dynamic), a
+            torch.fx.GraphModule from torch.export, or a torch.export.ExportedProgram.
+        config: the adapter to add first.
+        example_inputs: inputs for capturing an nn.Module: a dict of keyword inputs, a tuple
+            of positional inputs, or (args, kwargs). Built automatically for Hugging Face
+            causal LMs (input_ids + attention_mask).
+        adapter_name: name of the first adapter.
+        generator: random generator for the prompt initialisation (default: torch's global).
+
+    Returns:
+        An AdaptedModel sharing the model's weights, which are frozen (requires_grad=False);
+        only the adapter prompts and gates train. With the zero-initialised gates its output
+        equals the model's exactly.
+
+    Raises:
+        TypeError / ValueError: bad arguments; the model is left as it was.
+        CaptureError: torch.export could not capture the model.
+        AttentionNotFoundError / UnsupportedGraphError: no attention the pass recognises.
+    """
+    if isinstance(model, AdaptedModel):
+        raise UnsupportedGraphError(
+            "model is already an AdaptedModel; add more adapters with model.add_adapter(...)"
+        )
+    if not isinstance(config, AdaptionConfig):
+        raise TypeError(f"config must be an AdaptionConfig, got {type(config).__name__}")
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise TypeError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
+    captured = capture(model, example_inputs)
+    sites = locate_attention(captured.graph_module)
+    select_top_sites(sites, config.adapter_layers)  # fail before any state is built
+    logger.info("found %d attention sites: %s", len(sites), [s.module_path for s in sites])
+    adapted = AdaptedModel(captured, sites)
+    adapted.add_adapter(adapter_name, config, generator=generator)
+    for param in adapted.base_graph_module.parameters():
+        param.requires_grad_(False)
+    return adapted

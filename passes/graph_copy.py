@@ -1,0 +1,66 @@
+"""Copying a GraphModule's graph without copying its weights."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch.fx.graph import CodeGen
+
+
+def copy_flat_graph(gm: torch.fx.GraphModule) -> tuple[torch.fx.Graph, dict[str, torch.fx.Node]]:
+    """A copy of ``gm.graph`` whose forward takes the flat inputs positionally.
+
+    torch.export's unlifted modules flatten pytree inputs in generated code; the copy uses
+    plain codegen so callers (and extra adapter inputs) work with the flat list directly.
+    Returns the copy and a map from node name to copied node (names are preserved).
+    """
+    graph = torch.fx.Graph()
+    old_to_new: dict[torch.fx.Node, torch.fx.Node] = {}
+    output = graph.graph_copy(gm.graph, old_to_new)
+    graph.output(output)
+    graph._codegen = CodeGen()
+    by_name = {old.name: new for old, new in old_to_new.items()}
+    renamed = [old.name for old, new in old_to_new.items() if old.name != new.name]
+    if renamed:  # names are how sites refer to nodes; a fresh graph must keep them.
+        raise RuntimeError(f"graph copy renamed nodes {renamed[:5]}")
+    return graph, by_name
+
+
+def graph_module_sharing(
+    root: torch.fx.GraphModule, graph: torch.fx.Graph, class_name: str
+) -> torch.fx.GraphModule:
+    """A GraphModule running ``graph`` whose attributes ARE ``root``'s (same objects).
+
+    ``GraphModule(root, graph)`` shares leaf tensors but builds fresh intermediate modules,
+    so a later ``.to()`` or buffer swap on ``root`` would not reach it. Re-pointing the
+    top-level attributes at ``root``'s own objects makes every weight lookup go through
+    ``root`` at call time.
+    """
+    gm = torch.fx.GraphModule(root, graph, class_name=class_name)
+    tops = {
+        str(n.target).split(".")[0] for n in graph.nodes if n.op in ("get_attr", "call_module")
+    }
+    for name in tops:
+        value = getattr(root, name)
+        if name in gm._buffers:
+            gm._buffers[name] = value
+        elif name in gm._parameters:
+            gm._parameters[name] = value
+        elif name in gm._modules:
+            gm._modules[name] = value
+        else:
+            setattr(gm, name, value)
+    return gm
+
+
+def shares_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """True if every tensor of ``a`` is the very tensor object ``b`` holds at that path."""
+    b_tensors = dict(b.named_parameters(remove_duplicate=False))
+    b_tensors.update(b.named_buffers(remove_duplicate=False))
+    pairs = list(a.named_parameters(remove_duplicate=False)) + list(
+        a.named_buffers(remove_duplicate=False)
+    )
+    return all(b_tensors.get(k) is v for k, v in pairs)
+
+
+__all__ = ["copy_flat_graph", "graph_module_sharing", "shares_weights"]

@@ -1,0 +1,208 @@
+"""Insert LLaMA-Adapter prompts into located attention sites.
+
+For each site the pass adds, right after the attention call::
+
+    K_a = expand_kv(view(linear(prompt, W_k, b_k)))      # the layer's own key projection
+    V_a = expand_kv(view(linear(prompt, W_v, b_v)))      # no positional encoding
+    S_a = softmax(Q @ K_a^T * scale, float32).to(Q.dtype)  # adapter keys only, no mask
+    out = attention(Q, K, V) + act(gate) * S_a @ V_a
+
+where Q is the node the attention already consumes (after RoPE) and ``scale`` is the
+attention's own. Nothing is recomputed: no second query, no second output projection.
+
+The prompt and gate of every site become extra graph inputs, appended after the model's
+own inputs. One rewritten graph therefore serves every adapter of the same structure
+(adapter_len, adapted sites, gate kind), and the caller binds whichever adapter is active.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from adaption_fx.config import AdaptionConfig
+from adaption_fx.passes.graph_copy import copy_flat_graph, graph_module_sharing
+from adaption_fx.passes.locate import ADAPTION_META_KEY, check_aten_graph
+from adaption_fx.passes.site import AttentionSite
+
+aten = torch.ops.aten
+
+PROMPT_SUFFIX = "adaption_prompt"
+GATE_SUFFIX = "adaption_gate"
+
+
+def prompt_key(site: AttentionSite) -> str:
+    """State-dict key of a site's prompt: PEFT's key without ``base_model.model.``."""
+    return f"{site.module_path}.{PROMPT_SUFFIX}" if site.module_path else PROMPT_SUFFIX
+
+
+def gate_key(site: AttentionSite) -> str:
+    """State-dict key of a site's gate."""
+    return f"{site.module_path}.{GATE_SUFFIX}" if site.module_path else GATE_SUFFIX
+
+
+def adapter_tensor_shapes(
+    sites: Sequence[AttentionSite], config: AdaptionConfig
+) -> dict[str, tuple[int, ...]]:
+    """Shapes of the adapter tensors for ``sites``, keyed as in the state dict, in input order."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for site in sites:
+        shapes[prompt_key(site)] = (1, config.adapter_len, site.hidden_size)
+        gate_shape = (1,) if config.gate == "scalar" else (1, site.num_heads, 1, 1)
+        shapes[gate_key(site)] = gate_shape
+    return shapes
+
+
+@dataclass(frozen=True)
+class AdaptionGraph:
+    """A rewritten graph and how to call it.
+
+    Attributes:
+        graph_module: takes the model's flat inputs followed by one tensor per entry of
+            ``adapter_inputs``, in that order.
+        sites: the adapted sites, in execution order.
+        adapter_inputs: state-dict keys of the extra inputs, in input order.
+    """
+
+    graph_module: torch.fx.GraphModule
+    sites: tuple[AttentionSite, ...]
+    adapter_inputs: tuple[str, ...]
+
+
+class _Builder:
+    """Appends nodes one after another, each tagged as part of a site's adapter branch."""
+
+    def __init__(self, graph: torch.fx.Graph, after: torch.fx.Node, site: AttentionSite):
+        self.graph = graph
+        self.cursor = after
+        self.site = site
+        self.stack = after.meta.get("nn_module_stack")
+        self.prefix = (site.module_path or "root").replace(".", "_")
+
+    def __call__(self, target, args: tuple, role: str, kwargs: dict | None = None) -> torch.fx.Node:
+        with self.graph.inserting_after(self.cursor):
+            node = self.graph.create_node(
+                "call_function", target, args, kwargs, name=f"{self.prefix}_adapter_{role}"
+            )
+        node.meta[ADAPTION_META_KEY] = {"site": self.site.module_path, "role": role}
+        if self.stack is not None:
+            node.meta["nn_module_stack"] = dict(self.stack)
+        self.cursor = node
+        return node
+
+
+def _projection_args(proj: torch.fx.Node, prompt: torch.fx.Node) -> tuple:
+    bias = proj.args[2] if len(proj.args) > 2 else proj.kwargs.get("bias")
+    return (prompt, proj.args[1]) if bias is None else (prompt, proj.args[1], bias)
+
+
+def _adapter_heads(
+    b: _Builder, proj: torch.fx.Node, prompt: torch.fx.Node, head_dim: int, role: str,
+    adapter_len: int,
+) -> torch.fx.Node:
+    """Project the prompt and lay it out as (1, num_heads, adapter_len, head_dim)."""
+    site = b.site
+    kv = site.num_kv_heads
+    x = b(aten.linear.default, _projection_args(proj, prompt), f"{role}_proj")
+    x = b(aten.view.default, (x, [1, adapter_len, kv, head_dim]), f"{role}_heads")
+    x = b(aten.transpose.int, (x, 1, 2), f"{role}_bhld")
+    if site.kv_groups > 1:
+        # Share each key/value head across its query group, as the layer's own K/V are
+        # (head i serves query heads i*G .. i*G+G-1).
+        x = b(aten.unsqueeze.default, (x, 2), f"{role}_group")
+        x = b(aten.expand.default, (x, [1, kv, site.kv_groups, adapter_len, head_dim]),
+              f"{role}_expand")
+        x = b(aten.reshape.default, (x, [1, site.num_heads, adapter_len, head_dim]),
+              f"{role}_repeat")
+    return x
+
+
+def _insert_site(
+    graph: torch.fx.Graph,
+    nodes: dict[str, torch.fx.Node],
+    site: AttentionSite,
+    config: AdaptionConfig,
+    prompt: torch.fx.Node,
+    gate: torch.fx.Node,
+) -> None:
+    attn = nodes[site.attention_node]
+    query = nodes[site.query_node]
+    b = _Builder(graph, attn, site)
+    n = config.adapter_len
+    k = _adapter_heads(b, nodes[site.key_projection.node], prompt, site.head_dim, "key", n)
+    v = _adapter_heads(
+        b, nodes[site.value_projection.node], prompt, site.value_head_dim, "value", n
+    )
+    scores = b(aten.matmul.default, (query, b(aten.transpose.int, (k, -2, -1), "key_t")),
+               "scores")
+    scores = b(aten.mul.Tensor, (scores, site.scale), "scaled")
+    probs = b(aten.softmax.int, (scores, -1, torch.float32), "probs")
+    query_dtype = query.meta["val"].dtype
+    if query_dtype != torch.float32:
+        probs = b(aten._to_copy.default, (probs,), "probs_cast", {"dtype": query_dtype})
+    if config.gate_activation == "tanh":
+        gate = b(aten.tanh.default, (gate,), "gate_tanh")
+    probs = b(aten.mul.Tensor, (probs, gate), "gated")
+    out = b(aten.matmul.default, (probs, v), "out")
+    total = b(aten.add.Tensor, (attn, out), "sum")
+    attn.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+
+
+def insert_adaption_prompt(
+    gm: torch.fx.GraphModule,
+    sites: Sequence[AttentionSite],
+    config: AdaptionConfig,
+) -> AdaptionGraph:
+    """Rewrite a copy of ``gm`` so that each of ``sites`` carries an adaption prompt.
+
+    ``gm`` itself is not modified; the returned graph module shares its weights (the same
+    tensor objects, reached through the same submodules).
+
+    Precondition: ``sites`` were located in ``gm`` (``locate_attention``) and ``gm`` has not
+    been rewritten. Postcondition: with every gate zero the output equals ``gm``'s exactly.
+    """
+    check_aten_graph(gm)
+    if not sites:
+        raise ValueError("no sites to adapt")
+    graph, nodes = copy_flat_graph(gm)
+    missing = [s.attention_node for s in sites if s.attention_node not in nodes]
+    if missing:
+        raise ValueError(f"sites do not belong to this graph: nodes {missing} not found")
+
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    cursor = placeholders[-1] if placeholders else None
+    keys: list[str] = []
+    inputs: list[tuple[AttentionSite, torch.fx.Node, torch.fx.Node]] = []
+    for site in sites:
+        created = []
+        for key in (prompt_key(site), gate_key(site)):
+            if cursor is None:
+                with graph.inserting_before(next(iter(graph.nodes))):
+                    node = graph.placeholder(key.replace(".", "_"))
+            else:
+                with graph.inserting_after(cursor):
+                    node = graph.placeholder(key.replace(".", "_"))
+            node.meta[ADAPTION_META_KEY] = {"site": site.module_path, "role": "input", "key": key}
+            cursor = node
+            created.append(node)
+            keys.append(key)
+        inputs.append((site, created[0], created[1]))
+
+    for site, prompt, gate in inputs:
+        _insert_site(graph, nodes, site, config, prompt, gate)
+    graph.lint()
+    rewritten = graph_module_sharing(gm, graph, class_name="AdaptedGraphModule")
+    return AdaptionGraph(graph_module=rewritten, sites=tuple(sites), adapter_inputs=tuple(keys))
+
+
+__all__ = [
+    "ADAPTION_META_KEY",
+    "AdaptionGraph",
+    "adapter_tensor_shapes",
+    "gate_key",
+    "insert_adaption_prompt",
+    "prompt_key",
+]

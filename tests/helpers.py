@@ -1,0 +1,65 @@
+"""Shared test helpers: tiny seeded Hugging Face models, a padded batch, tolerances."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    """A 4-layer multi-head Llama (no GQA) with random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = dict(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+    )
+    config.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**config)).eval()
+
+
+def tiny_mistral(seed: int = 0, **overrides):
+    """A 4-layer grouped-query Mistral (8 query heads, 2 key/value heads)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = dict(
+        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+        sliding_window=None,
+    )
+    config.update(overrides)
+    torch.manual_seed(seed)
+    return MistralForCausalLM(MistralConfig(**config)).eval()
+
+
+def padded_batch(batch: int = 3, seq: int = 7, vocab: int = 96, seed: int = 1):
+    """input_ids and an attention_mask with left padding on row 1 and right padding on row 2."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if batch > 1:
+        mask[1, :2] = 0
+    if batch > 2:
+        mask[2, -3:] = 0
+    return ids, mask
+
+
+def randomize_adapter(model, seed: int = 0, gate_scale: float = 0.5) -> dict[str, torch.Tensor]:
+    """Give the active adapter random prompts and non-zero gates; return the tensors."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in model.state_dict().items():
+        t = torch.randn(value.shape, generator=g, dtype=torch.float32)
+        if key.endswith("adaption_gate"):
+            t = t * gate_scale
+        state[key] = t.to(value.dtype)
+    model.load_state_dict(state)
+    return state
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
+    """Max abs difference relative to the largest expected magnitude is within rtol."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    scale = expected.abs().max().clamp_min(1e-12)
+    err = ((actual - expected).abs().max() / scale).item()
+    assert err <= rtol, f"relative error {err:.3e} > {rtol:.1e}"
