@@ -76,7 +76,7 @@ class CapturedModel:
                 f"{self.source_name} was captured with {n_pos + len(names)} inputs "
                 f"({', '.join(names)}); got {len(args)} positional arguments"
             )
-        given = dict(zip(names, extra))
+        given = dict(zip(names, extra, strict=False))
         dup = sorted(set(given) & set(kwargs))
         if dup:
             raise TypeError(f"got multiple values for {dup}")
@@ -86,9 +86,12 @@ class CapturedModel:
             raise TypeError(
                 f"{self.source_name} was captured with inputs {names}; unexpected {unknown}"
             )
-        if self.fill_attention_mask and "attention_mask" in names and given.get(
-            "attention_mask"
-        ) is None and isinstance(given.get("input_ids"), torch.Tensor):
+        if (
+            self.fill_attention_mask
+            and "attention_mask" in names
+            and given.get("attention_mask") is None
+            and isinstance(given.get("input_ids"), torch.Tensor)
+        ):
             given["attention_mask"] = torch.ones_like(given["input_ids"])
         for name, value in self.defaults.items():
             if name not in given:
@@ -150,19 +153,20 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _hf_example(model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+def _hf_example(model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     # Two rows of eight tokens: sizes above 1 keep batch and sequence symbolic in export.
     device = _device_of(model)
     ids = torch.ones(2, 8, dtype=torch.long, device=device)
     kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
-    dynamic: dict[str, Any] = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
-    constants: dict[str, Any] = {}
+    dynamic: dict[str, Any] = {
+        "input_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: seq},
+    }
     if "use_cache" in inspect.signature(model.forward).parameters:
-        constants["use_cache"] = False
-        kwargs["use_cache"] = False
+        kwargs["use_cache"] = False  # logits only: no cache object in the captured outputs
         dynamic["use_cache"] = None
-    return kwargs, dynamic, constants
+    return kwargs, dynamic
 
 
 def _auto_dynamic(value: Any) -> Any:
@@ -195,9 +199,7 @@ def capture(model: Any, example_inputs: Any = None) -> CapturedModel:
     attention_mask examples are built, and use_cache is fixed to False.
     """
     if isinstance(model, torch.export.ExportedProgram):
-        captured = _from_graph_module(model.module(), type(model).__name__)
-        captured.defaults = _exported_constants(model, captured)
-        return captured
+        return _from_graph_module(model.module(), type(model).__name__)
     if isinstance(model, torch.fx.GraphModule):
         return _from_graph_module(model, type(model).__name__)
     if not isinstance(model, torch.nn.Module):
@@ -206,43 +208,38 @@ def capture(model: Any, example_inputs: Any = None) -> CapturedModel:
             f"torch.export.ExportedProgram, got {type(model).__name__}"
         )
     hf = _is_hf_causal_lm(model)
-    constants: dict[str, Any] = {}
     if example_inputs is None:
         if not hf:
             raise ValueError(
                 f"example_inputs are needed to capture {type(model).__name__} (only Hugging "
                 "Face causal LMs get them built automatically)"
             )
-        kwargs, dynamic, constants = _hf_example(model)
+        kwargs, dynamic = _hf_example(model)
         args: tuple = ()
         dynamic_spec: Any = dynamic
     else:
         args, kwargs = _split_example(example_inputs)
-        dynamic_spec = (
-            tuple(_auto_dynamic(a) for a in args),
-            {k: _auto_dynamic(v) for k, v in kwargs.items()},
-        )
-        dynamic_spec = {**dict(zip(_positional_names(model, len(args)), dynamic_spec[0])),
-                        **dynamic_spec[1]}
-        constants = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+        names = _positional_names(model, len(args))
+        dynamic_spec = {n: _auto_dynamic(a) for n, a in zip(names, args, strict=True)}
+        dynamic_spec.update({k: _auto_dynamic(v) for k, v in kwargs.items()})
     logger.info("capturing %s with torch.export", type(model).__name__)
     ep = _export(model, args, kwargs, dynamic_spec)
     captured = _from_graph_module(ep.module(), type(model).__name__)
-    captured.defaults = constants
-    captured.fill_attention_mask = hf
     captured.loss_function = getattr(model, "loss_function", None) if hf else None
-    captured.examples = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
     return captured
 
 
 def _positional_names(model: torch.nn.Module, n: int) -> list[str]:
     params = [
-        p.name for p in inspect.signature(model.forward).parameters.values()
+        p.name
+        for p in inspect.signature(model.forward).parameters.values()
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
     if len(params) < n:
-        raise TypeError(f"{type(model).__name__}.forward takes {len(params)} positional "
-                        f"inputs, example_inputs has {n}")
+        raise TypeError(
+            f"{type(model).__name__}.forward takes {len(params)} positional "
+            f"inputs, example_inputs has {n}"
+        )
     return params[:n]
 
 
@@ -266,18 +263,6 @@ def _split_example(example_inputs: Any) -> tuple[tuple, dict[str, Any]]:
     )
 
 
-def _exported_constants(ep: torch.export.ExportedProgram, captured: CapturedModel) -> dict:
-    # Non-tensor keyword inputs (use_cache=False) were baked in; let callers omit them.
-    names = [None] * captured.positional_count + captured.keyword_names
-    values = list(ep.graph_signature.user_inputs)
-    if len(values) != len(names):
-        return {}
-    return {
-        n: v for n, v in zip(names, values)
-        if n is not None and not isinstance(v, str) and v is not None
-    }
-
-
 def _from_graph_module(gm: torch.fx.GraphModule, source_name: str) -> CapturedModel:
     check_aten_graph(gm)
     codegen = gm.graph._codegen
@@ -292,4 +277,17 @@ def _from_graph_module(gm: torch.fx.GraphModule, source_name: str) -> CapturedMo
     )
     names = captured.keyword_names
     captured.fill_attention_mask = "input_ids" in names and "attention_mask" in names
+    # Placeholders carry what export saw: fake tensors for tensor inputs (rank and dtype to
+    # check calls against) and the values of inputs it baked in as constants.
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    leaf_names = [None] * captured.positional_count + names
+    if info is not None and len(leaf_names) == len(placeholders):
+        for name, node in zip(leaf_names, placeholders, strict=True):
+            val = node.meta.get("val")
+            if name is None or val is None:
+                continue
+            if isinstance(val, torch.Tensor):
+                captured.examples[name] = val
+            elif isinstance(val, (bool, int, float, str)):
+                captured.defaults[name] = val
     return captured

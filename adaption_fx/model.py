@@ -37,8 +37,13 @@ class AdapterWeights(torch.nn.Module):
     module, built from empty container modules.
     """
 
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]], dtype: torch.dtype,
-                 device: torch.device, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        shapes: Mapping[str, tuple[int, ...]],
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         for key, shape in shapes.items():
             if key.endswith("adaption_prompt"):
@@ -132,11 +137,12 @@ class AdaptedModel(torch.nn.Module):
         if graph is None:
             return []
         weights = self.adapter_weights[self._active]
-        return list(zip(graph.adapter_inputs, weights.tensors(graph.adapter_inputs)))
+        return list(zip(graph.adapter_inputs, weights.tensors(graph.adapter_inputs), strict=True))
 
     # ----------------------------------------------------------------- management
-    def add_adapter(self, adapter_name: str, config: AdaptionConfig,
-                    generator: torch.Generator | None = None) -> None:
+    def add_adapter(
+        self, adapter_name: str, config: AdaptionConfig, generator: torch.Generator | None = None
+    ) -> None:
         """Add an adapter and make it active (as PEFT does). Nothing changes on error."""
         if not isinstance(adapter_name, str) or not adapter_name:
             raise TypeError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
@@ -204,9 +210,7 @@ class AdaptedModel(torch.nn.Module):
     def _resolve(self, adapter_name: str | None) -> str:
         name = self._active if adapter_name is None else adapter_name
         if name not in self._configs:
-            raise ValueError(
-                f"no adapter named {name!r}; adapters are {list(self._configs)}"
-            )
+            raise ValueError(f"no adapter named {name!r}; adapters are {list(self._configs)}")
         return name
 
     def _active_graph(self) -> AdaptionGraph | None:

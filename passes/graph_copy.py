@@ -37,9 +37,7 @@ def graph_module_sharing(
     ``root`` at call time.
     """
     gm = torch.fx.GraphModule(root, graph, class_name=class_name)
-    tops = {
-        str(n.target).split(".")[0] for n in graph.nodes if n.op in ("get_attr", "call_module")
-    }
+    tops = {str(n.target).split(".")[0] for n in graph.nodes if n.op in ("get_attr", "call_module")}
     for name in tops:
         value = getattr(root, name)
         if name in gm._buffers:

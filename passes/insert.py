@@ -100,7 +100,11 @@ def _projection_args(proj: torch.fx.Node, prompt: torch.fx.Node) -> tuple:
 
 
 def _adapter_heads(
-    b: _Builder, proj: torch.fx.Node, prompt: torch.fx.Node, head_dim: int, role: str,
+    b: _Builder,
+    proj: torch.fx.Node,
+    prompt: torch.fx.Node,
+    head_dim: int,
+    role: str,
     adapter_len: int,
 ) -> torch.fx.Node:
     """Project the prompt and lay it out as (1, num_heads, adapter_len, head_dim)."""
@@ -113,10 +117,14 @@ def _adapter_heads(
         # Share each key/value head across its query group, as the layer's own K/V are
         # (head i serves query heads i*G .. i*G+G-1).
         x = b(aten.unsqueeze.default, (x, 2), f"{role}_group")
-        x = b(aten.expand.default, (x, [1, kv, site.kv_groups, adapter_len, head_dim]),
-              f"{role}_expand")
-        x = b(aten.reshape.default, (x, [1, site.num_heads, adapter_len, head_dim]),
-              f"{role}_repeat")
+        x = b(
+            aten.expand.default,
+            (x, [1, kv, site.kv_groups, adapter_len, head_dim]),
+            f"{role}_expand",
+        )
+        x = b(
+            aten.reshape.default, (x, [1, site.num_heads, adapter_len, head_dim]), f"{role}_repeat"
+        )
     return x
 
 
@@ -136,8 +144,7 @@ def _insert_site(
     v = _adapter_heads(
         b, nodes[site.value_projection.node], prompt, site.value_head_dim, "value", n
     )
-    scores = b(aten.matmul.default, (query, b(aten.transpose.int, (k, -2, -1), "key_t")),
-               "scores")
+    scores = b(aten.matmul.default, (query, b(aten.transpose.int, (k, -2, -1), "key_t")), "scores")
     scores = b(aten.mul.Tensor, (scores, site.scale), "scaled")
     probs = b(aten.softmax.int, (scores, -1, torch.float32), "probs")
     query_dtype = query.meta["val"].dtype

@@ -56,7 +56,7 @@ def module_path_of(node: torch.fx.Node) -> str:
     # strict-mode export spells the root as L['self']; non-strict gives plain paths.
     for prefix in ("L['self'].", "L__self__."):
         if path.startswith(prefix):
-            path = path[len(prefix):]
+            path = path[len(prefix) :]
     return path
 
 
@@ -190,10 +190,10 @@ def _match_sdpa(node: torch.fx.Node, index: int, gm: torch.fx.GraphModule) -> At
     key_node = _find_projection(key, gm, scope)
     value_node = _find_projection(value, gm, scope)
     if key_node is None or value_node is None:
-        missing = "key" if key_node is None else "value"
+        missing, start = ("key", key) if key_node is None else ("value", value)
         raise AttentionNotFoundError(
             f"{where} in {scope or '<root>'!r}: found no linear projection with a parameter "
-            f"weight upstream of its {missing} input ({(key if key_node is None else value).name!r}); "
+            f"weight upstream of its {missing} input ({start.name!r}); "
             "fused or non-linear key/value projections are not supported yet"
         )
     if key_node is value_node:
@@ -257,9 +257,7 @@ def locate_attention(gm: torch.fx.GraphModule) -> list[AttentionSite]:
         n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS
     ]
     if not attention_nodes:
-        ops = collections.Counter(
-            str(n.target) for n in gm.graph.nodes if n.op == "call_function"
-        )
+        ops = collections.Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
         common = ", ".join(f"{op} x{c}" for op, c in ops.most_common(6)) or "none"
         raise AttentionNotFoundError(
             f"found no attention in the graph: no scaled_dot_product_attention node among "
@@ -284,4 +282,4 @@ def select_top_sites(sites: Sequence[AttentionSite], adapter_layers: int) -> lis
             f"adapter_layers={adapter_layers} but the model has only {len(sites)} attention "
             f"site(s): {where}"
         )
-    return list(sites[len(sites) - adapter_layers:])
+    return list(sites[len(sites) - adapter_layers :])

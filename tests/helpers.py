@@ -10,8 +10,13 @@ def tiny_llama(seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = dict(
-        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
     )
     config.update(overrides)
     torch.manual_seed(seed)
@@ -23,8 +28,13 @@ def tiny_mistral(seed: int = 0, **overrides):
     from transformers import MistralConfig, MistralForCausalLM
 
     config = dict(
-        vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
         sliding_window=None,
     )
     config.update(overrides)
