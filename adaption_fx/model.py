@@ -143,7 +143,12 @@ class AdaptedModel(torch.nn.Module):
     def add_adapter(
         self, adapter_name: str, config: AdaptionConfig, generator: torch.Generator | None = None
     ) -> None:
-        """Add an adapter and make it active (as PEFT does). Nothing changes on error."""
+        """Add an adapter. Nothing changes on error.
+
+        As in PEFT (0.21), adding does not change which adapter is active, except that an
+        adapter added when none is active (the first one) becomes active. Use
+        :meth:`set_adapter` to switch.
+        """
         if not isinstance(adapter_name, str) or not adapter_name:
             raise TypeError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
         if not isinstance(config, AdaptionConfig):
@@ -172,7 +177,8 @@ class AdaptedModel(torch.nn.Module):
         self.adapter_weights[adapter_name] = weights
         self._configs[adapter_name] = config
         self._adapter_structure[adapter_name] = key
-        self._active = adapter_name
+        if self._active is None:
+            self._active = adapter_name
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the adapter forward uses (works while disabled too)."""

@@ -60,6 +60,11 @@ def module_path_of(node: torch.fx.Node) -> str:
     return path
 
 
+def within(path: str, scope: str) -> bool:
+    """True if ``path`` is ``scope`` or nested in it (``layers.1`` does not hold ``layers.10``)."""
+    return not scope or path == scope or path.startswith(scope + ".")
+
+
 def check_aten_graph(gm: torch.fx.GraphModule) -> None:
     """Raise UnsupportedGraphError unless ``gm`` is an unrewritten torch.export ATen graph."""
     calls = [n for n in gm.graph.nodes if n.op == "call_function"]
@@ -117,7 +122,7 @@ def _find_projection(
         for parent in _input_nodes(node):
             if parent in seen or parent.op != "call_function":
                 continue
-            if scope and not module_path_of(parent).startswith(scope):
+            if not within(module_path_of(parent), scope):
                 continue
             seen.add(parent)
             queue.append(parent)
@@ -161,7 +166,7 @@ def _find_output_projection(attn: torch.fx.Node, scope: str) -> str | None:
                 continue
             if user.target in LINEAR_TARGETS and user.args[0] is node:
                 return user.name
-            if scope and not module_path_of(user).startswith(scope):
+            if not within(module_path_of(user), scope):
                 continue
             seen.add(user)
             queue.append(user)

@@ -123,7 +123,7 @@ class DataDependent(torch.nn.Module):
 def test_export_failure_is_reported_with_the_exporters_complaint():
     model = DataDependent()
     params_before = {k: v.requires_grad for k, v in model.named_parameters()}
-    with pytest.raises(CaptureError, match="torch.export could not capture DataDependent: .+"):
+    with pytest.raises(CaptureError, match=r"torch\.export could not capture DataDependent: .+"):
         rewrite(
             model,
             AdaptionConfig(adapter_len=2, adapter_layers=1),

@@ -103,7 +103,7 @@ def test_too_many_layers_in_rewrite_leaves_the_source_untouched():
     model = tiny_llama()
     with pytest.raises(
         ValueError,
-        match=r"adapter_layers=9 but the model has only 4 attention site\(s\): model.layers.0.self_attn",
+        match=r"adapter_layers=9 but the model has only 4 attention site\(s\): model\.layers\.0",
     ):
         rewrite(model, AdaptionConfig(adapter_len=3, adapter_layers=9))
     assert all(p.requires_grad for p in model.parameters())
@@ -187,7 +187,7 @@ def test_load_state_dict_checks_every_shape_before_writing(adapted):
     ],
 )
 def test_bad_forward_inputs(adapted, kwargs, exc, pattern):
-    ids, mask = padded_batch()
+    ids, _ = padded_batch()
     if kwargs.get("input_ids") is None:
         kwargs = {**kwargs, "input_ids": ids}
     with pytest.raises(exc, match=pattern):

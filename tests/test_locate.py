@@ -83,11 +83,20 @@ class _MLP(torch.nn.Module):
 
 def test_no_attention_is_a_clear_error():
     ep = torch.export.export(_MLP(), (torch.randn(2, 3, 8),))
-    with pytest.raises(AttentionNotFoundError, match="found no attention.*aten.linear"):
+    with pytest.raises(AttentionNotFoundError, match=r"found no attention.*aten.linear"):
         locate_attention(ep.module())
 
 
 def test_symbolic_trace_graph_is_rejected():
     gm = torch.fx.symbolic_trace(_MLP())
-    with pytest.raises(UnsupportedGraphError, match="not a torch.export"):
+    with pytest.raises(UnsupportedGraphError, match=r"not a torch\.export"):
         locate_attention(gm)
+
+
+def test_scope_check_is_by_whole_path_components():
+    from adaption_fx.passes.locate import within
+
+    assert within("model.layers.1.self_attn.k_proj", "model.layers.1.self_attn")
+    assert within("model.layers.1", "model.layers.1")
+    assert not within("model.layers.10.self_attn", "model.layers.1")
+    assert within("anything", "")

@@ -1,9 +1,10 @@
 """PEFT's adapter-management tests, replayed on AdaptedModel, plus graph/weight sharing.
 
 ``test_sequence_adapter_ops`` and ``test_add_and_set_while_disabled`` follow PEFT's
-tests/test_adaption_prompt.py step by step with its exact-equality assertions. One
-deliberate difference: our ``add_adapter`` makes the new adapter active, so no
-``set_adapter("adapter 1")`` is needed after adding it.
+tests/test_adaption_prompt.py step by step with its exact-equality assertions. As in PEFT
+0.21, ``add_adapter`` does not change the active adapter, so the sequences call
+``set_adapter("adapter 1")`` after adding it (``test_add_does_not_activate_like_peft`` pins
+this rule against PEFT itself).
 
 The model is PEFT's tiny Llama (hidden 8, 4 heads: head_dim 2, 8 layers, vocab 16).
 """
@@ -70,9 +71,10 @@ def test_sequence_adapter_ops(inputs):
         )
         assert_close(original_before.logits, default_disabled.logits, rtol=0, atol=0)
 
-    # A second adapter of another structure; it becomes the active one.
+    # A second adapter of another structure; adding it leaves "default" active.
     adapted.add_adapter("adapter 1", AdaptionConfig(adapter_layers=3, adapter_len=8))
-    assert adapted.active_adapter == "adapter 1"
+    assert adapted.active_adapter == "default"
+    adapted.set_adapter("adapter 1")
     adapter_1_before = adapted(
         input_ids=input_ids, attention_mask=attention_mask, labels=target_ids
     )
@@ -108,6 +110,8 @@ def test_add_and_set_while_disabled(inputs):
     adapted = rewrite(original, AdaptionConfig(adapter_layers=2, adapter_len=4))
     with adapted.disable_adapter():
         adapted.add_adapter("adapter 1", AdaptionConfig(adapter_layers=3, adapter_len=8))
+        assert adapted.active_adapter == "default"
+        adapted.set_adapter("adapter 1")
         assert not adapted.adapters_enabled
     assert adapted.adapters_enabled
     assert adapted.active_adapter == "adapter 1"
@@ -299,6 +303,7 @@ def test_only_adapter_tensors_train(inputs):
     original = peft_like_llama()
     adapted = rewrite(original, AdaptionConfig(adapter_layers=2, adapter_len=4))
     adapted.add_adapter("other", AdaptionConfig(adapter_layers=3, adapter_len=8))
+    adapted.set_adapter("other")
     randomize_adapter(adapted, seed=1)  # "other": non-zero gates, so prompts get gradients
     adapted.set_adapter("default")
     randomize_adapter(adapted, seed=2)
@@ -320,3 +325,33 @@ def test_only_adapter_tensors_train(inputs):
         else:
             assert param.grad is None, name
     assert trained == 4  # prompt and gate in each of the 2 adapted layers
+
+
+def test_add_does_not_activate_like_peft(inputs):
+    """Which adapter is active after each add/delete: PEFT itself is the oracle."""
+    peft = pytest.importorskip("peft")
+    original = peft_like_llama()
+    adapted = rewrite(original, AdaptionConfig(adapter_layers=2, adapter_len=4))
+    peft_model = peft.get_peft_model(
+        copy.deepcopy(original),
+        peft.AdaptionPromptConfig(adapter_layers=2, adapter_len=4, task_type="CAUSAL_LM"),
+    )
+    tuner = peft_model.base_model
+    assert adapted.active_adapter == tuner.active_adapters[0] == "default"
+    for name, (layers, length) in {"first": (3, 2), "second": (1, 6)}.items():
+        adapted.add_adapter(name, AdaptionConfig(adapter_layers=layers, adapter_len=length))
+        peft_model.add_adapter(
+            name,
+            peft.AdaptionPromptConfig(
+                adapter_layers=layers, adapter_len=length, task_type="CAUSAL_LM"
+            ),
+        )
+        assert adapted.active_adapter == tuner.active_adapters[0] == "default"
+    for name in ("default", "first", "second"):
+        adapted.delete_adapter(name)
+        tuner.delete_adapter(name)
+        expected = tuner.active_adapters[0] if tuner.active_adapters else None
+        assert adapted.active_adapter == expected
+    # With nothing active, the next adapter added becomes active (PEFT's first-adapter rule).
+    adapted.add_adapter("again", AdaptionConfig(adapter_layers=1, adapter_len=2))
+    assert adapted.active_adapter == "again"
