@@ -46,6 +46,24 @@ class CapturedModel:
     loss_function: Any = None
     source_name: str = "model"
     examples: dict[str, torch.Tensor] = field(default_factory=dict)
+    reference_weight: torch.Tensor | None = None
+    placement: tuple[torch.device, torch.dtype] | None = None
+
+    def check_placement(self) -> None:
+        """Raise if the weights moved or were cast since capture.
+
+        torch.export specialises the graph to the dtype and device it saw (it asserts them
+        inside the graph), so a model cast after capture would otherwise fail deep in torch.
+        """
+        ref = self.reference_weight
+        if ref is None or (ref.device, ref.dtype) == self.placement:
+            return
+        device, dtype = self.placement
+        raise RuntimeError(
+            f"{self.source_name} was captured with {dtype} weights on {device}, but they are "
+            f"now {ref.dtype} on {ref.device}; the captured graph is specialised to its dtype "
+            "and device: move or cast the source model first, then call rewrite()"
+        )
 
     @property
     def positional_count(self) -> int:
@@ -275,6 +293,9 @@ def _from_graph_module(gm: torch.fx.GraphModule, source_name: str) -> CapturedMo
         out_spec=info.out_spec if info is not None else None,
         source_name=source_name,
     )
+    captured.reference_weight = next((p for p in flat.parameters() if p.is_floating_point()), None)
+    if captured.reference_weight is not None:
+        captured.placement = (captured.reference_weight.device, captured.reference_weight.dtype)
     names = captured.keyword_names
     captured.fill_attention_mask = "input_ids" in names and "attention_mask" in names
     # Placeholders carry what export saw: fake tensors for tensor inputs (rank and dtype to

@@ -231,6 +231,7 @@ class AdaptedModel(torch.nn.Module):
         For Hugging Face causal LMs, ``labels=`` adds ``loss`` computed with the source
         model's own loss function (outside the graph).
         """
+        self._captured.check_placement()
         labels = kwargs.pop("labels", None) if self._captured.loss_function else None
         flat = self._captured.bind(args, kwargs)
         graph = self._active_graph()

@@ -202,3 +202,21 @@ def test_missing_attention_mask_means_all_ones(adapted):
             adapted(input_ids=ids, attention_mask=torch.ones_like(ids)).logits,
         )
         assert torch.equal(adapted(ids).logits, adapted(input_ids=ids).logits)
+
+
+def test_casting_after_capture_is_a_clear_error():
+    source = tiny_llama()
+    model = rewrite(source, AdaptionConfig(adapter_len=2, adapter_layers=1))
+    ids, mask = padded_batch()
+    model.to(torch.float64)  # float32 -> float64 -> float32 is lossless
+    with pytest.raises(
+        RuntimeError,
+        match=r"captured with torch.float32 weights on cpu, but they are now torch.float64",
+    ):
+        model(input_ids=ids, attention_mask=mask)
+    model.to(torch.float32)  # back where it was captured: runs again, exactly as the source
+    with torch.no_grad():
+        assert torch.equal(
+            model(input_ids=ids, attention_mask=mask).logits,
+            source(input_ids=ids, attention_mask=mask).logits,
+        )
