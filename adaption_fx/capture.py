@@ -46,6 +46,8 @@ class CapturedModel:
     loss_function: Any = None
     source_name: str = "model"
     examples: dict[str, torch.Tensor] = field(default_factory=dict)
+    task_type: str | None = None
+    name_or_path: str | None = None
     reference_weight: torch.Tensor | None = None
     placement: tuple[torch.device, torch.dtype] | None = None
 
@@ -243,7 +245,10 @@ def capture(model: Any, example_inputs: Any = None) -> CapturedModel:
     logger.info("capturing %s with torch.export", type(model).__name__)
     ep = _export(model, args, kwargs, dynamic_spec)
     captured = _from_graph_module(ep.module(), type(model).__name__)
-    captured.loss_function = getattr(model, "loss_function", None) if hf else None
+    if hf:
+        captured.loss_function = getattr(model, "loss_function", None)
+        captured.task_type = "CAUSAL_LM"
+        captured.name_or_path = getattr(model, "name_or_path", None) or None
     return captured
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, Literal
 
 GateKind = Literal["scalar", "per_head"]
@@ -52,3 +54,65 @@ class AdaptionConfig:
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (JSON-serialisable)."""
         return asdict(self)
+
+    def to_peft_dict(
+        self,
+        *,
+        target_modules: str | None = None,
+        task_type: str | None = "CAUSAL_LM",
+        base_model_name_or_path: str | None = None,
+    ) -> dict[str, Any]:
+        """adapter_config.json content: PEFT's AdaptionPromptConfig fields plus ours.
+
+        PEFT ignores ``gate`` and ``gate_activation``; it fills ``target_modules`` from the
+        model type when it is None.
+        """
+        from adaption_fx import __version__
+
+        return {
+            "peft_type": "ADAPTION_PROMPT",
+            "adapter_len": self.adapter_len,
+            "adapter_layers": self.adapter_layers,
+            "target_modules": target_modules,
+            "task_type": task_type,
+            "inference_mode": True,
+            "base_model_name_or_path": base_model_name_or_path,
+            "revision": None,
+            "auto_mapping": None,
+            "gate": self.gate,
+            "gate_activation": self.gate_activation,
+            "adaption_fx_version": __version__,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any], where: str = "config") -> AdaptionConfig:
+        """Build a config from adapter_config.json content (ours or PEFT's).
+
+        PEFT's files carry no gate fields: they mean a scalar, identity gate.
+        """
+        if data.get("peft_type", "ADAPTION_PROMPT") != "ADAPTION_PROMPT":
+            raise ValueError(
+                f"{where}: peft_type {data.get('peft_type')!r} is not 'ADAPTION_PROMPT'"
+            )
+        missing = [k for k in ("adapter_len", "adapter_layers") if k not in data]
+        if missing:
+            raise ValueError(f"{where}: missing {missing}")
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{where}: {exc}") from exc
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> AdaptionConfig:
+        """Read ``directory/adapter_config.json`` (written by us or by PEFT)."""
+        from adaption_fx.checkpoint import CONFIG_NAME, read_config_dict
+
+        data = read_config_dict(directory)
+        return cls.from_peft_dict(data, where=str(Path(directory) / CONFIG_NAME))
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``directory/adapter_config.json`` atomically (temporary file, then rename)."""
+        from adaption_fx.checkpoint import CONFIG_NAME, write_json_atomic
+
+        write_json_atomic(Path(directory) / CONFIG_NAME, self.to_peft_dict())

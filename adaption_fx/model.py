@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import torch
 import torch.fx
 
+from adaption_fx import checkpoint as ckpt
 from adaption_fx.capture import CapturedModel
 from adaption_fx.config import AdaptionConfig
 from adaption_fx.passes.insert import (
@@ -66,6 +69,19 @@ class AdapterWeights(torch.nn.Module):
     def tensors(self, keys: tuple[str, ...]) -> list[torch.Tensor]:
         params = dict(self.named_parameters())
         return [params[k] for k in keys]
+
+
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9_\- ]+")
+
+
+def _check_adapter_name(name: object) -> None:
+    # Names become module names and, in checkpoints, subfolder names: no dots, no slashes.
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"adapter_name must be a non-empty str, got {name!r}")
+    if not _NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            f"adapter_name {name!r} is not usable: use letters, digits, spaces, '_' and '-'"
+        )
 
 
 class IncompatibleKeys(NamedTuple):
@@ -149,36 +165,51 @@ class AdaptedModel(torch.nn.Module):
         adapter added when none is active (the first one) becomes active. Use
         :meth:`set_adapter` to switch.
         """
-        if not isinstance(adapter_name, str) or not adapter_name:
-            raise TypeError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
-        if not isinstance(config, AdaptionConfig):
-            raise TypeError(f"config must be an AdaptionConfig, got {type(config).__name__}")
+        _check_adapter_name(adapter_name)
         if adapter_name in self._configs:
             raise ValueError(
                 f"an adapter named {adapter_name!r} already exists (adapters: "
                 f"{list(self._configs)}); delete it first or pick another name"
             )
-        if adapter_name in self.adapter_weights or "." in adapter_name:
-            raise ValueError(f"adapter_name {adapter_name!r} is not usable as a module name")
+        self._commit(adapter_name, *self._prepare(config, generator))
+
+    def _prepare(
+        self, config: AdaptionConfig, generator: torch.Generator | None = None
+    ) -> tuple[AdaptionConfig, StructureKey, AdaptionGraph, AdapterWeights]:
+        """Everything an adapter needs, built without touching the model's state."""
+        if not isinstance(config, AdaptionConfig):
+            raise TypeError(f"config must be an AdaptionConfig, got {type(config).__name__}")
         selected = select_top_sites(self._sites, config.adapter_layers)
         key = structure_key(config, selected)
         graph = self._graphs.get(key)
         if graph is None:
             graph = insert_adaption_prompt(self.base_graph_module, selected, config)
             logger.info("built rewritten graph for %s (%d sites)", key, len(selected))
-        first = self._sites[selected[0].index]
-        weight = self.base_graph_module.get_parameter(first.key_projection.weight)
+        weight = self.base_graph_module.get_parameter(selected[0].key_projection.weight)
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         weights = AdapterWeights(
             adapter_tensor_shapes(selected, config), dtype, weight.device, generator
         )
-        # Everything that can fail has run; commit.
+        return config, key, graph, weights
+
+    def _commit(
+        self,
+        name: str,
+        config: AdaptionConfig,
+        key: StructureKey,
+        graph: AdaptionGraph,
+        weights: AdapterWeights,
+    ) -> None:
+        """Install a prepared adapter under ``name``, replacing one of that name if any."""
+        old_key = self._adapter_structure.get(name)
         self._graphs[key] = graph
-        self.adapter_weights[adapter_name] = weights
-        self._configs[adapter_name] = config
-        self._adapter_structure[adapter_name] = key
+        self.adapter_weights[name] = weights
+        self._configs[name] = config
+        self._adapter_structure[name] = key
+        if old_key is not None and old_key not in self._adapter_structure.values():
+            del self._graphs[old_key]
         if self._active is None:
-            self._active = adapter_name
+            self._active = name
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the adapter forward uses (works while disabled too)."""
@@ -294,6 +325,91 @@ class AdaptedModel(torch.nn.Module):
             for key in set(params) & set(state_dict):
                 params[key].copy_(state_dict[key])
         return IncompatibleKeys(missing, unexpected)
+
+    # ----------------------------------------------------------------- checkpoints
+    def save_adapter(self, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+        """Save adapters in PEFT's layout, loadable by ``PeftModel.from_pretrained``.
+
+        ``adapter_name=None`` saves every adapter. As in PEFT, "default" goes at the root of
+        ``directory`` and any other adapter into a subfolder named after it. The directory
+        is written in a temporary sibling and renamed into place: an interrupted save
+        leaves the previous contents, and an existing checkpoint is replaced as a whole.
+        """
+        names = list(self._configs) if adapter_name is None else [self._resolve(adapter_name)]
+        if not names:
+            raise ValueError("there are no adapters to save")
+        with ckpt.atomic_directory(directory) as tmp:
+            for name in names:
+                folder = tmp if name == ckpt.DEFAULT_ADAPTER else tmp / name
+                folder.mkdir(exist_ok=True)
+                config = self._configs[name].to_peft_dict(
+                    target_modules=self._target_modules(name),
+                    task_type=self._captured.task_type,
+                    base_model_name_or_path=self._captured.name_or_path,
+                )
+                ckpt.write_json_atomic(folder / ckpt.CONFIG_NAME, config)
+                ckpt.write_tensors(folder, ckpt.to_peft_keys(self.adapter_state_dict(name)))
+        logger.info("saved adapters %s to %s", names, directory)
+
+    def load_adapter(
+        self,
+        directory: str | os.PathLike,
+        adapter_name: str = "default",
+        *,
+        allow_non_finite: bool = False,
+    ) -> None:
+        """Load an adapter saved by :meth:`save_adapter` or by PEFT's ``save_pretrained``.
+
+        Adds it as ``adapter_name``, or replaces an adapter of that name (an active one
+        stays active). For a name other than "default", ``directory/<adapter_name>`` is used
+        when it holds a checkpoint (PEFT's layout), else ``directory`` itself. The method,
+        sizes, keys, shapes and values are all checked before the model is touched. Tensors
+        are cast to the adapter dtype (that of the key projection weight). Non-finite
+        values are refused unless ``allow_non_finite=True``.
+        """
+        _check_adapter_name(adapter_name)
+        folder = ckpt.adapter_directory(directory, adapter_name)
+        config = AdaptionConfig.from_pretrained(folder)
+        where = str(folder / ckpt.WEIGHTS_NAME)
+        state = ckpt.from_peft_keys(ckpt.read_tensors(folder), where)
+        try:
+            prepared = self._prepare(config)
+        except ValueError as exc:
+            raise ckpt.CheckpointError(f"{folder}: the checkpoint does not fit: {exc}") from exc
+        weights = prepared[-1]
+        params = dict(weights.named_parameters())
+        missing = sorted(set(params) - set(state))
+        unexpected = sorted(set(state) - set(params))
+        if missing or unexpected:
+            raise ckpt.CheckpointError(
+                f"{where}: tensors do not match the model's adapted layers for "
+                f"adapter_layers={config.adapter_layers}: missing {missing[:6]}, "
+                f"unexpected {unexpected[:6]}"
+            )
+        for key, value in state.items():
+            if tuple(value.shape) != tuple(params[key].shape):
+                raise ckpt.CheckpointError(
+                    f"{where}: {key} has shape {tuple(value.shape)} but this model needs "
+                    f"{tuple(params[key].shape)} (adapter_len={config.adapter_len}, "
+                    f"gate={config.gate!r}, hidden size of the layer's projections)"
+                )
+            if not value.is_floating_point():
+                raise ckpt.CheckpointError(f"{where}: {key} has non-float dtype {value.dtype}")
+            if not allow_non_finite and not bool(torch.isfinite(value).all()):
+                raise ckpt.CheckpointError(
+                    f"{where}: {key} holds NaN or infinite values; refusing to load them "
+                    "(pass allow_non_finite=True to load anyway)"
+                )
+        with torch.no_grad():
+            for key, value in state.items():
+                params[key].copy_(value)
+        self._commit(adapter_name, *prepared)
+        logger.info("loaded adapter %r from %s", adapter_name, folder)
+
+    def _target_modules(self, adapter_name: str) -> str | None:
+        # PEFT's target_modules names the attention modules by their last path component.
+        names = {s.module_path.rsplit(".", 1)[-1] for s in self.adapted_sites(adapter_name)}
+        return names.pop() if len(names) == 1 else None
 
     def extra_repr(self) -> str:
         active = self._active if self._enabled else f"{self._active} (disabled)"

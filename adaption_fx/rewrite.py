@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
 
 from adaption_fx.capture import capture
+from adaption_fx.checkpoint import adapter_directory
 from adaption_fx.config import AdaptionConfig
 from adaption_fx.model import AdaptedModel
 from adaption_fx.passes.errors import UnsupportedGraphError
-from adaption_fx.passes.locate import locate_attention, select_top_sites
+from adaption_fx.passes.locate import locate_attention
 
 logger = logging.getLogger(__name__)
 
 
 def rewrite(
     model: Any,
-    config: AdaptionConfig,
+    config: AdaptionConfig | str | os.PathLike,
     *,
     example_inputs: Any = None,
     adapter_name: str = "default",
@@ -29,7 +31,8 @@ def rewrite(
     Args:
         model: an nn.Module (captured with torch.export, batch and sequence dynamic), a
             torch.fx.GraphModule from torch.export, or a torch.export.ExportedProgram.
-        config: the adapter to add first.
+        config: the adapter to add first: an AdaptionConfig (fresh prompts, zero gates), or
+            the directory of a saved adapter (ours or PEFT's), loaded with its tensors.
         example_inputs: inputs for capturing an nn.Module: a dict of keyword inputs, a tuple
             of positional inputs, or (args, kwargs). Built automatically for Hugging Face
             causal LMs (input_ids + attention_mask).
@@ -50,16 +53,24 @@ def rewrite(
         raise UnsupportedGraphError(
             "model is already an AdaptedModel; add more adapters with model.add_adapter(...)"
         )
-    if not isinstance(config, AdaptionConfig):
-        raise TypeError(f"config must be an AdaptionConfig, got {type(config).__name__}")
     if not isinstance(adapter_name, str) or not adapter_name:
         raise TypeError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
+    if isinstance(config, (str, os.PathLike)):
+        # A bad directory fails here, before the (slow) capture.
+        AdaptionConfig.from_pretrained(adapter_directory(config, adapter_name))
+    elif not isinstance(config, AdaptionConfig):
+        raise TypeError(
+            "config must be an AdaptionConfig or an adapter checkpoint directory, "
+            f"got {type(config).__name__}"
+        )
     captured = capture(model, example_inputs)
     sites = locate_attention(captured.graph_module)
-    select_top_sites(sites, config.adapter_layers)  # fail before any state is built
     logger.info("found %d attention sites: %s", len(sites), [s.module_path for s in sites])
     adapted = AdaptedModel(captured, sites)
-    adapted.add_adapter(adapter_name, config, generator=generator)
+    if isinstance(config, AdaptionConfig):
+        adapted.add_adapter(adapter_name, config, generator=generator)
+    else:
+        adapted.load_adapter(config, adapter_name)
     for param in adapted.base_graph_module.parameters():
         param.requires_grad_(False)
     return adapted

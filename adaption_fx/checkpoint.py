@@ -1,0 +1,194 @@
+"""Adapter checkpoints in PEFT's layout: adapter_config.json + adapter_model.safetensors.
+
+Files are written into a temporary directory beside the target and renamed into place,
+so an interrupted save leaves either the previous checkpoint or the new one, never a mix.
+Everything read is checked (method, sizes, keys, shapes, finiteness) before a model is
+touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_KEY_PREFIX = "base_model.model."
+PEFT_TYPE = "ADAPTION_PROMPT"
+DEFAULT_ADAPTER = "default"
+
+PathLike = str | os.PathLike
+
+
+class CheckpointError(ValueError):
+    """An adapter checkpoint is missing, unreadable, or does not fit the model."""
+
+
+def adapter_directory(directory: PathLike, adapter_name: str) -> Path:
+    """Where ``adapter_name`` lives under ``directory`` in PEFT's layout.
+
+    "default" sits at the root; any other adapter in a subfolder named after it. A
+    non-default adapter saved on its own may also sit at the root: that is used when the
+    subfolder does not exist.
+    """
+    root = Path(directory)
+    if not root.exists():
+        raise FileNotFoundError(f"adapter checkpoint directory {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise NotADirectoryError(f"adapter checkpoint {str(root)!r} is not a directory")
+    if adapter_name != DEFAULT_ADAPTER and (root / adapter_name / CONFIG_NAME).is_file():
+        return root / adapter_name
+    return root
+
+
+def _subfolders_with_adapters(root: Path) -> list[str]:
+    return sorted(p.parent.name for p in root.glob(f"*/{CONFIG_NAME}"))
+
+
+def read_config_dict(directory: PathLike) -> dict[str, Any]:
+    """The parsed adapter_config.json of a checkpoint directory, checked to be LLaMA-Adapter."""
+    root = Path(directory)
+    path = root / CONFIG_NAME
+    if not path.is_file():
+        hint = ""
+        if root.is_dir() and (subs := _subfolders_with_adapters(root)):
+            hint = f"; it has adapter subfolders {subs}: pass one of them or its adapter_name"
+        if not root.exists():
+            raise FileNotFoundError(f"adapter checkpoint directory {str(root)!r} does not exist")
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {str(root)!r}{hint}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    peft_type = data.get("peft_type")
+    if peft_type != PEFT_TYPE:
+        raise CheckpointError(
+            f"{path} is a config for peft_type {peft_type!r}; adaption-fx loads "
+            f"{PEFT_TYPE!r} (LLaMA-Adapter) checkpoints only"
+        )
+    return data
+
+
+def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    """Write JSON to ``path`` through a temporary file in the same directory and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(dict(data), f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def read_tensors(directory: PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of ``directory/adapter_model.safetensors``, with clear errors."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {str(Path(directory))!r}")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}"
+        ) from exc
+
+
+def write_tensors(directory: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Write tensors to ``directory/adapter_model.safetensors`` (PEFT's metadata)."""
+    from safetensors.torch import save_file
+
+    path = directory / WEIGHTS_NAME
+    save_file(
+        {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()},
+        str(path),
+        metadata={"format": "pt"},
+    )
+
+
+def _looks_like_checkpoint(root: Path) -> bool:
+    return (root / CONFIG_NAME).is_file() or bool(_subfolders_with_adapters(root))
+
+
+@contextlib.contextmanager
+def atomic_directory(target: PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary directory that replaces ``target`` as a whole on success.
+
+    On an exception the temporary directory is removed and ``target`` is left as it was.
+    An existing non-empty ``target`` that holds no adapter checkpoint is refused rather
+    than replaced, so a mistyped path cannot wipe unrelated files.
+    """
+    target = Path(target)
+    if target.exists():
+        if not target.is_dir():
+            raise NotADirectoryError(f"{str(target)!r} exists and is not a directory")
+        if any(target.iterdir()) and not _looks_like_checkpoint(target):
+            raise FileExistsError(
+                f"{str(target)!r} is a non-empty directory without an adapter checkpoint; "
+                "refusing to replace it: choose an empty or new directory"
+            )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+        if target.exists():
+            # Two renames: between them the old checkpoint sits at ``backup`` and the new
+            # one at ``tmp``, both complete, so a crash here loses neither.
+            backup = tmp.with_name(f".{target.name}.old-{tmp.name.rsplit('-', 1)[-1]}")
+            os.rename(target, backup)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(backup, target)
+                raise
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def to_peft_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our keys (``model.layers.3.self_attn.adaption_prompt``) to PEFT's."""
+    return {PEFT_KEY_PREFIX + k: v for k, v in state.items()}
+
+
+def from_peft_keys(state: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """PEFT's keys to ours; a key without PEFT's prefix is an error naming it."""
+    foreign = sorted(k for k in state if not k.startswith(PEFT_KEY_PREFIX))
+    if foreign:
+        raise CheckpointError(
+            f"{where}: unexpected tensor keys {foreign[:5]} (expected keys starting with "
+            f"{PEFT_KEY_PREFIX!r})"
+        )
+    return {k[len(PEFT_KEY_PREFIX) :]: v for k, v in state.items()}
