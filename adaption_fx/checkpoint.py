@@ -132,6 +132,7 @@ def write_tensors(directory: Path, tensors: Mapping[str, torch.Tensor]) -> None:
         str(path),
         metadata={"format": "pt"},
     )
+    os.chmod(path, 0o666 & ~_umask())  # safetensors creates its files private (0600)
 
 
 def _looks_like_checkpoint(root: Path) -> bool:

@@ -106,10 +106,13 @@ class AdaptionConfig:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> AdaptionConfig:
         """Read ``directory/adapter_config.json`` (written by us or by PEFT)."""
-        from adaption_fx.checkpoint import CONFIG_NAME, read_config_dict
+        from adaption_fx.checkpoint import CONFIG_NAME, CheckpointError, read_config_dict
 
         data = read_config_dict(directory)
-        return cls.from_peft_dict(data, where=str(Path(directory) / CONFIG_NAME))
+        try:
+            return cls.from_peft_dict(data, where=str(Path(directory) / CONFIG_NAME))
+        except (TypeError, ValueError) as exc:  # a bad file is a checkpoint problem
+            raise CheckpointError(str(exc)) from exc
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``directory/adapter_config.json`` atomically (temporary file, then rename)."""

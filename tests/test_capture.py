@@ -165,7 +165,12 @@ def test_rewriting_a_rewritten_model_is_an_error():
     "bad_model, bad_config, exc, pattern",
     [
         ("not a model", CFG, TypeError, "model must be an nn.Module.*got str"),
-        (None, {"adapter_len": 2}, TypeError, "config must be an AdaptionConfig, got dict"),
+        (
+            None,
+            {"adapter_len": 2},
+            TypeError,
+            "config must be an AdaptionConfig or an adapter checkpoint directory, got dict",
+        ),
     ],
 )
 def test_bad_arguments(bad_model, bad_config, exc, pattern):

@@ -135,7 +135,7 @@ def test_too_many_layers_in_rewrite_leaves_the_source_untouched():
         (
             lambda m: m.add_adapter("a.b", AdaptionConfig(adapter_len=2, adapter_layers=1)),
             ValueError,
-            "not usable as a module name",
+            "is not usable: use letters, digits",
         ),
         (
             lambda m: m.set_adapter("missing"),
