@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -69,6 +69,10 @@ class AdapterWeights(torch.nn.Module):
     def tensors(self, keys: tuple[str, ...]) -> list[torch.Tensor]:
         params = dict(self.named_parameters())
         return [params[k] for k in keys]
+
+
+def _identity(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    return graph_module
 
 
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9_\- ]+")
@@ -262,15 +266,28 @@ class AdaptedModel(torch.nn.Module):
         For Hugging Face causal LMs, ``labels=`` adds ``loss`` computed with the source
         model's own loss function (outside the graph).
         """
+        return self.run_graphs(_identity, args, kwargs)
+
+    def run_graphs(
+        self,
+        runner: Callable[[torch.fx.GraphModule], Callable[..., Any]],
+        args: tuple,
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Forward, with each graph called through ``runner(graph_module)``.
+
+        Binding, adapter selection and output structure stay here; the runner decides how
+        a graph executes (eagerly, or compiled: see ``adaption_fx.export.compile``).
+        """
         self._captured.check_placement()
         labels = kwargs.pop("labels", None) if self._captured.loss_function else None
         flat = self._captured.bind(args, kwargs)
         graph = self._active_graph()
         if graph is None:
-            outputs = self.base_graph_module(*flat)
+            outputs = runner(self.base_graph_module)(*flat)
         else:
             tensors = self.adapter_weights[self._active].tensors(graph.adapter_inputs)
-            outputs = graph.graph_module(*flat, *tensors)
+            outputs = runner(graph.graph_module)(*flat, *tensors)
         result = self._captured.unflatten(outputs)
         if labels is not None:
             logits = result.logits
@@ -278,6 +295,22 @@ class AdaptedModel(torch.nn.Module):
                 logits=logits, labels=labels, vocab_size=logits.shape[-1]
             )
         return result
+
+    def adaption_graph(self, adapter_name: str | None = None) -> AdaptionGraph:
+        """The rewritten graph an adapter runs (the active adapter's by default)."""
+        name = self._resolve(adapter_name)
+        return self._graphs[self._adapter_structure[name]]
+
+    def adapter_tensors(self, adapter_name: str | None = None) -> list[torch.Tensor]:
+        """An adapter's tensors in its graph's adapter-input order."""
+        name = self._resolve(adapter_name)
+        graph = self._graphs[self._adapter_structure[name]]
+        return self.adapter_weights[name].tensors(graph.adapter_inputs)
+
+    @property
+    def captured(self) -> CapturedModel:
+        """The capture: flat base graph, input binding and output structure."""
+        return self._captured
 
     # ----------------------------------------------------------------- state
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:

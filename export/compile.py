@@ -1,0 +1,54 @@
+"""torch.compile for AdaptedModel: each graph compiled once, adapters bound as inputs."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.fx
+
+from adaption_fx.model import AdaptedModel
+
+logger = logging.getLogger(__name__)
+
+
+class CompiledModel(torch.nn.Module):
+    """An AdaptedModel whose graphs run through ``torch.compile``.
+
+    It follows the wrapped model's state: the active adapter, enable/disable and the
+    adapter tensors are read on every call. Each distinct graph (the base graph, one per
+    adapter structure) is compiled on its first call. Adapter prompts and gates are inputs
+    of those graphs, so switching between adapters of one structure, or training them,
+    does not recompile.
+    """
+
+    def __init__(self, model: AdaptedModel, options: dict[str, Any]):
+        super().__init__()
+        self.model = model
+        self._options = dict(options)
+        # Keyed by the graph module itself (not its id) so a freed graph's id cannot alias.
+        self._compiled: dict[torch.fx.GraphModule, Any] = {}
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.run_graphs(self._compiled_graph, args, kwargs)
+
+    def _compiled_graph(self, graph_module: torch.fx.GraphModule) -> Any:
+        compiled = self._compiled.get(graph_module)
+        if compiled is None:
+            logger.info("compiling %s with %s", type(graph_module).__name__, self._options)
+            compiled = torch.compile(graph_module, **self._options)
+            self._compiled[graph_module] = compiled
+        return compiled
+
+
+def compile(model: AdaptedModel, **torch_compile_kwargs: Any) -> CompiledModel:
+    """Compile an AdaptedModel with ``torch.compile`` (``fullgraph=True`` by default).
+
+    Returns a module called like ``model`` that follows its adapter state. Keyword
+    arguments go to ``torch.compile`` (``backend``, ``mode``, ``dynamic``, ...).
+    """
+    if not isinstance(model, AdaptedModel):
+        raise TypeError(f"compile expects an AdaptedModel, got {type(model).__name__}")
+    torch_compile_kwargs.setdefault("fullgraph", True)
+    return CompiledModel(model, torch_compile_kwargs)
