@@ -240,7 +240,10 @@ def to_onnx(
     model.captured.check_placement()
     plan = _plan(model, adapter_name, adapter_as_inputs, fold)
     layout, names, examples = _model_inputs(model, example_inputs)
-    wrapper = _FlatCall(plan.graph_module, layout, plan.baked).eval()
+    wrapper = _FlatCall(plan.graph_module, layout, plan.baked)
+    # Only the top module's flag: .eval() would recurse into submodules shared with the
+    # user's model. The ATen graph does not read training flags; the exporter checks it.
+    wrapper.training = False
     adapter_examples = [plan.adapter_values[k] for k in plan.adapter_inputs]
     with torch.no_grad():
         n_out = len(wrapper(*examples, *adapter_examples))
@@ -261,6 +264,7 @@ def to_onnx(
     if adapter_as_inputs and plan.folded:
         graph = model.adaption_graph(plan.adapter["name"])
         proj_module, proj_outputs = adapter_projection(graph)
+        proj_module.training = False
         raw = [t.detach() for t in model.adapter_tensors(plan.adapter["name"])]
         projection = _export(
             proj_module,
