@@ -61,15 +61,15 @@ def _role_nodes(gm: torch.fx.GraphModule, site: AttentionSite) -> tuple[torch.fx
             by_role.setdefault("gate_act", node)
         elif role == "gate_tanh":
             by_role["gate_act"] = node
-        elif role in ("key_bhld", "value_bhld"):
-            by_role[role] = node
-    missing = {"key_bhld", "value_bhld", "gate_act"} - set(by_role)
+        if tag.get("kv_role") in ("key_kv", "value_kv"):
+            by_role[tag["kv_role"]] = node
+    missing = {"key_kv", "value_kv", "gate_act"} - set(by_role)
     if missing:
         raise ValueError(
             f"site {site.module_path!r}: graph has no adapter nodes with roles {sorted(missing)}; "
             "fold_adapter_kv needs a graph produced by insert_adaption_prompt"
         )
-    return by_role["key_bhld"], by_role["value_bhld"], by_role["gate_act"]
+    return by_role["key_kv"], by_role["value_kv"], by_role["gate_act"]
 
 
 def adapter_projection(graph: AdaptionGraph) -> tuple[torch.fx.GraphModule, tuple[str, ...]]:

@@ -26,7 +26,7 @@ import torch.fx
 from adaption_fx.config import AdaptionConfig
 from adaption_fx.passes.graph_copy import copy_flat_graph, graph_module_sharing
 from adaption_fx.passes.locate import ADAPTION_META_KEY, check_aten_graph
-from adaption_fx.passes.site import AttentionSite
+from adaption_fx.passes.site import AttentionSite, TensorPath
 
 aten = torch.ops.aten
 
@@ -94,38 +94,91 @@ class _Builder:
         return node
 
 
-def _projection_args(proj: torch.fx.Node, prompt: torch.fx.Node) -> tuple:
-    bias = proj.args[2] if len(proj.args) > 2 else proj.kwargs.get("bias")
-    return (prompt, proj.args[1]) if bias is None else (prompt, proj.args[1], bias)
+def _symbol_map(source: torch.fx.Node, adapter_len: int) -> dict:
+    """Hidden states are (batch, seq, hidden); the prompt is (1, adapter_len, hidden)."""
+    shape = source.meta["val"].shape
+    mapping = {}
+    for dim, value in ((0, 1), (1, adapter_len)):
+        size = shape[dim]
+        if isinstance(size, int):
+            raise ValueError(
+                f"the capture fixed the {('batch', 'sequence')[dim]} size of {source.name!r} "
+                f"to {size}; the adapter needs it dynamic"
+            )
+        mapping[size.node.expr] = value
+    return mapping
 
 
-def _adapter_heads(
-    b: _Builder,
-    proj: torch.fx.Node,
-    prompt: torch.fx.Node,
-    head_dim: int,
-    role: str,
-    adapter_len: int,
+class _Replay:
+    """Replays a layer's key/value paths on the prompt (see TensorPath)."""
+
+    def __init__(
+        self, b: _Builder, nodes: dict[str, torch.fx.Node], prompt: torch.fx.Node, adapter_len: int
+    ):
+        self.b = b
+        self.nodes = nodes
+        self.prompt = prompt
+        self.adapter_len = adapter_len
+        self.env: dict[torch.fx.Node, torch.fx.Node] = {}
+        self.symbols: dict | None = None
+
+    def _size(self, node: torch.fx.Node) -> int:
+        # A shape argument computed from the batch/sequence sizes, evaluated for the prompt.
+        expr = node.meta["val"].node.expr.subs(self.symbols)
+        if not expr.is_Integer:
+            raise ValueError(f"shape argument {node.name!r} = {expr} depends on other sizes")
+        return int(expr)
+
+    def _map(self, arg: torch.fx.Node) -> object:
+        if arg in self.env:
+            return self.env[arg]
+        if isinstance(arg.meta.get("val"), torch.SymInt):
+            return self._size(arg)
+        return arg  # a weight, a constant or something computed from weights only
+
+    def run(self, path: TensorPath, role: str) -> tuple[torch.fx.Node, torch.fx.Node]:
+        source = self.nodes[path.source]
+        if self.symbols is None:
+            self.symbols = _symbol_map(source, self.adapter_len)
+        self.env.setdefault(source, self.prompt)
+        aliases = {self.nodes[entry]: self.nodes[exit_] for exit_, entry in path.aliases}
+        for entry, exit_ in aliases.items():
+            if entry in self.env:
+                self.env[exit_] = self.env[entry]
+        for name in path.nodes:
+            node = self.nodes[name]
+            if node not in self.env:
+                with self.b.graph.inserting_after(self.b.cursor):
+                    new = self.b.graph.node_copy(node, self._map)
+                new.meta = {
+                    ADAPTION_META_KEY: {
+                        "site": self.b.site.module_path,
+                        "role": f"{role}_path",
+                        "of": name,
+                    }
+                }
+                if self.b.stack is not None:
+                    new.meta["nn_module_stack"] = dict(self.b.stack)
+                self.b.cursor = new
+                self.env[node] = new
+            if node in aliases:
+                self.env[aliases[node]] = self.env[node]
+        kv = self.env[self.nodes[path.per_kv_head]]
+        kv.meta[ADAPTION_META_KEY]["kv_role"] = f"{role}_kv"
+        return kv, self.env[self.nodes[path.output]]
+
+
+def _share_heads(
+    b: _Builder, x: torch.fx.Node, heads: int, dim: int, role: str, adapter_len: int
 ) -> torch.fx.Node:
-    """Project the prompt and lay it out as (1, num_heads, adapter_len, head_dim)."""
+    """Repeat key/value heads for query groups (head i serves queries i*G .. i*G+G-1)."""
     site = b.site
-    kv = site.num_kv_heads
-    x = b(aten.linear.default, _projection_args(proj, prompt), f"{role}_proj")
-    x = b(aten.view.default, (x, [1, adapter_len, kv, head_dim]), f"{role}_heads")
-    x = b(aten.transpose.int, (x, 1, 2), f"{role}_bhld")
-    if site.kv_groups > 1:
-        # Share each key/value head across its query group, as the layer's own K/V are
-        # (head i serves query heads i*G .. i*G+G-1).
-        x = b(aten.unsqueeze.default, (x, 2), f"{role}_group")
-        x = b(
-            aten.expand.default,
-            (x, [1, kv, site.kv_groups, adapter_len, head_dim]),
-            f"{role}_expand",
-        )
-        x = b(
-            aten.reshape.default, (x, [1, site.num_heads, adapter_len, head_dim]), f"{role}_repeat"
-        )
-    return x
+    if heads == site.num_heads:
+        return x
+    groups = site.num_heads // heads
+    x = b(aten.unsqueeze.default, (x, 2), f"{role}_group")
+    x = b(aten.expand.default, (x, [1, heads, groups, adapter_len, dim]), f"{role}_expand")
+    return b(aten.reshape.default, (x, [1, site.num_heads, adapter_len, dim]), f"{role}_repeat")
 
 
 def _insert_site(
@@ -140,12 +193,19 @@ def _insert_site(
     query = nodes[site.query_node]
     b = _Builder(graph, attn, site)
     n = config.adapter_len
-    k = _adapter_heads(b, nodes[site.key_projection.node], prompt, site.head_dim, "key", n)
-    v = _adapter_heads(
-        b, nodes[site.value_projection.node], prompt, site.value_head_dim, "value", n
-    )
+    replay = _Replay(b, nodes, prompt, n)
+    _, k = replay.run(site.key_path, "key")
+    _, v = replay.run(site.value_path, "value")
+    # With SDPA's enable_gqa the attention receives fewer key heads than query heads.
+    k = _share_heads(b, k, site.key_heads or site.num_heads, site.head_dim, "key", n)
+    v = _share_heads(b, v, site.key_heads or site.num_heads, site.value_head_dim, "value", n)
     scores = b(aten.matmul.default, (query, b(aten.transpose.int, (k, -2, -1), "key_t")), "scores")
     scores = b(aten.mul.Tensor, (scores, site.scale), "scaled")
+    if site.softcap is not None:
+        # The layer's own logit soft-capping, as its attention applies it after scaling.
+        scores = b(aten.div.Tensor, (scores, site.softcap), "capped")
+        scores = b(aten.tanh.default, (scores,), "capped_tanh")
+        scores = b(aten.mul.Tensor, (scores, site.softcap), "capped_scaled")
     probs = b(aten.softmax.int, (scores, -1, torch.float32), "probs")
     query_dtype = query.meta["val"].dtype
     if query_dtype != torch.float32:

@@ -9,19 +9,18 @@ node metadata: head counts and sizes from tensor shapes, the scale from the atte
 from __future__ import annotations
 
 import collections
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.fx
 
 from adaption_fx.passes.errors import AttentionNotFoundError, UnsupportedGraphError
+from adaption_fx.passes.paths import hidden_states_source, tensor_path
+from adaption_fx.passes.patterns import AttentionMatch, find_attention
 from adaption_fx.passes.site import AttentionSite, Projection
 
 aten = torch.ops.aten
 
-SDPA_TARGETS = (aten.scaled_dot_product_attention.default,)
-LINEAR_TARGETS = (aten.linear.default,)
 
 # Set on every node the insert pass adds; its presence means the graph was already rewritten.
 ADAPTION_META_KEY = "adaption_fx"
@@ -92,20 +91,24 @@ def check_aten_graph(gm: torch.fx.GraphModule) -> None:
         )
 
 
-def _arg(node: torch.fx.Node, index: int, name: str, default: object) -> object:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
+def _projection_parts(node: torch.fx.Node):
+    """(input, weight, bias) of a projection node with a parameter weight, else None."""
+    if node.op != "call_function":
+        return None
+    if node.target == aten.linear.default:
+        x, weight = node.args[:2]
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    elif node.target == aten.addmm.default:  # Conv1D (GPT-2): addmm(bias, x, weight)
+        bias, x, weight = node.args[:3]
+    else:
+        return None
+    if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
+        return None
+    return x, weight, bias
 
 
-def _input_nodes(node: torch.fx.Node) -> Iterable[torch.fx.Node]:
-    return node.all_input_nodes
-
-
-def _find_projection(
-    start: torch.fx.Node, gm: torch.fx.GraphModule, scope: str
-) -> torch.fx.Node | None:
-    """The nearest linear node with a parameter weight upstream of ``start``.
+def _find_projection(start: torch.fx.Node, scope: str) -> torch.fx.Node | None:
+    """The nearest projection with a parameter weight upstream of ``start``.
 
     The walk stays inside the attention module (``scope``) so it cannot run past the
     layer's input into the previous layer's projections, and it skips the rotary tables,
@@ -115,11 +118,9 @@ def _find_projection(
     queue = collections.deque([start])
     while queue:
         node = queue.popleft()
-        if node.op == "call_function" and node.target in LINEAR_TARGETS:
-            weight = node.args[1]
-            if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
-                return node
-        for parent in _input_nodes(node):
+        if _projection_parts(node) is not None:
+            return node
+        for parent in node.all_input_nodes:
             if parent in seen or parent.op != "call_function":
                 continue
             if not within(module_path_of(parent), scope):
@@ -129,23 +130,14 @@ def _find_projection(
     return None
 
 
-def _projection(node: torch.fx.Node) -> Projection:
-    weight = node.args[1]
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+def _projection(node: torch.fx.Node, source: torch.fx.Node) -> Projection:
+    _, weight, bias = _projection_parts(node)
     if bias is not None and not (isinstance(bias, torch.fx.Node) and bias.op == "get_attr"):
         raise AttentionNotFoundError(
             f"projection {node.name!r} has a bias that is not a parameter ({bias})"
         )
-    weight_val = _tensor_meta(weight) if "val" in weight.meta else None
-    x_val = _tensor_meta(node.args[0])
-    out_val = _tensor_meta(node)
-    in_features = _static(x_val.shape[-1], "projection input width", node)
-    out_features = _static(out_val.shape[-1], "projection output width", node)
-    if weight_val is not None and tuple(weight_val.shape) != (out_features, in_features):
-        raise AttentionNotFoundError(
-            f"projection {node.name!r} weight has shape {tuple(weight_val.shape)}, "
-            f"expected ({out_features}, {in_features})"
-        )
+    in_features = _static(_tensor_meta(source).shape[-1], "hidden size", node)
+    out_features = _static(_tensor_meta(node).shape[-1], "projection output width", node)
     return Projection(
         node=node.name,
         weight=str(weight.target),
@@ -156,7 +148,7 @@ def _projection(node: torch.fx.Node) -> Projection:
 
 
 def _find_output_projection(attn: torch.fx.Node, scope: str) -> str | None:
-    # Follow the attention output through layout ops to the first linear that reads it.
+    # Follow the attention output through layout ops to the first projection that reads it.
     queue = collections.deque([attn])
     seen = {attn}
     while queue:
@@ -164,7 +156,7 @@ def _find_output_projection(attn: torch.fx.Node, scope: str) -> str | None:
         for user in node.users:
             if user in seen or user.op != "call_function":
                 continue
-            if user.target in LINEAR_TARGETS and user.args[0] is node:
+            if _projection_parts(user) is not None:
                 return user.name
             if not within(module_path_of(user), scope):
                 continue
@@ -173,15 +165,29 @@ def _find_output_projection(attn: torch.fx.Node, scope: str) -> str | None:
     return None
 
 
-def _match_sdpa(node: torch.fx.Node, index: int, gm: torch.fx.GraphModule) -> AttentionSite:
-    query, key, value = node.args[:3]
-    where = f"attention node {node.name!r}"
-    dropout_p = _arg(node, 4, "dropout_p", 0.0)
-    if dropout_p not in (0, 0.0):
+def _check_weights(node: torch.fx.Node, gm: torch.fx.GraphModule, what: str) -> None:
+    _, weight, _ = _projection_parts(node)
+    val = weight.meta.get("val")
+    dtype = val.dtype if isinstance(val, torch.Tensor) else None
+    if dtype is None:
+        try:
+            dtype = gm.get_parameter(str(weight.target)).dtype
+        except AttributeError:
+            dtype = gm.get_buffer(str(weight.target)).dtype
+    if not dtype.is_floating_point:
         raise AttentionNotFoundError(
-            f"{where} applies dropout (p={dropout_p}); capture the model in eval mode"
+            f"{what} projection {node.name!r} has {dtype} weights "
+            f"({weight.target}); adapter prompts need a floating-point projection "
+            "(quantised or integer weights are not supported)"
         )
-    q_val, k_val, v_val = (_tensor_meta(n) for n in (query, key, value))
+
+
+def _build_site(
+    match: AttentionMatch, index: int, gm: torch.fx.GraphModule, order: dict
+) -> AttentionSite:
+    node = match.output
+    where = f"attention at {node.name!r}"
+    q_val, k_val, v_val = (_tensor_meta(n) for n in (match.query, match.key, match.value))
     if q_val.dim() != 4 or k_val.dim() != 4 or v_val.dim() != 4:
         raise AttentionNotFoundError(
             f"{where} has query/key/value of ranks {q_val.dim()}/{k_val.dim()}/{v_val.dim()}; "
@@ -189,63 +195,60 @@ def _match_sdpa(node: torch.fx.Node, index: int, gm: torch.fx.GraphModule) -> At
         )
     num_heads = _static(q_val.shape[1], "query head count", node)
     head_dim = _static(q_val.shape[-1], "query head size", node)
-    value_head_dim = _static(v_val.shape[-1], "value head size", node)
-
+    key_heads = _static(k_val.shape[1], "key head count", node)
     scope = module_path_of(node)
-    key_node = _find_projection(key, gm, scope)
-    value_node = _find_projection(value, gm, scope)
-    if key_node is None or value_node is None:
-        missing, start = ("key", key) if key_node is None else ("value", value)
+    paths = {}
+    projections = {}
+    for role, start in (("key", match.key), ("value", match.value)):
+        proj = _find_projection(start, scope)
+        if proj is None:
+            raise AttentionNotFoundError(
+                f"{where} in {scope or '<root>'!r}: found no projection with a parameter "
+                f"weight upstream of its {role} input ({start.name!r})"
+            )
+        _check_weights(proj, gm, role)
+        source = hidden_states_source(proj, _projection_parts(proj)[0])
+        paths[role] = tensor_path(start, source, order)
+        projections[role] = _projection(proj, source)
+    (key_path, groups), (value_path, _) = paths["key"], paths["value"]
+    nodes = {n.name: n for n in gm.graph.nodes}
+    kv = _tensor_meta(nodes[key_path.per_kv_head])
+    vv = _tensor_meta(nodes[value_path.per_kv_head])
+    num_kv_heads = _static(kv.shape[1], "key/value head count", node)
+    value_head_dim = _static(vv.shape[-1], "value head size", node)
+    if _static(kv.shape[-1], "key head size", node) != head_dim:
         raise AttentionNotFoundError(
-            f"{where} in {scope or '<root>'!r}: found no linear projection with a parameter "
-            f"weight upstream of its {missing} input ({start.name!r}); "
-            "fused or non-linear key/value projections are not supported yet"
+            f"{where} in {scope!r}: key head size {kv.shape[-1]} != query head size {head_dim}"
         )
-    if key_node is value_node:
-        raise AttentionNotFoundError(
-            f"{where} in {scope!r}: key and value come from one fused projection "
-            f"({key_node.name!r}); fused projections are not supported yet"
-        )
-    k_proj, v_proj = _projection(key_node), _projection(value_node)
-    if k_proj.out_features % head_dim:
-        raise AttentionNotFoundError(
-            f"{where} in {scope!r}: key projection width {k_proj.out_features} is not a "
-            f"multiple of head_dim {head_dim}"
-        )
-    num_kv_heads = k_proj.out_features // head_dim
-    if v_proj.out_features != num_kv_heads * value_head_dim:
-        raise AttentionNotFoundError(
-            f"{where} in {scope!r}: value projection width {v_proj.out_features} != "
-            f"{num_kv_heads} kv heads x value head_dim {value_head_dim}"
-        )
-    if num_heads % num_kv_heads:
+    if num_heads % key_heads or num_heads % num_kv_heads:
         raise AttentionNotFoundError(
             f"{where} in {scope!r}: {num_heads} query heads are not a multiple of "
-            f"{num_kv_heads} key/value heads"
+            f"{key_heads} key heads"
         )
-    if k_proj.in_features != v_proj.in_features:
+    if projections["key"].in_features != projections["value"].in_features:
         raise AttentionNotFoundError(
-            f"{where} in {scope!r}: key and value projections read inputs of different widths "
-            f"({k_proj.in_features} vs {v_proj.in_features})"
+            f"{where} in {scope!r}: key and value projections read hidden states of "
+            f"different widths"
         )
-    scale = _arg(node, 7, "scale", None)
-    if scale is None:
-        scale = 1.0 / math.sqrt(head_dim)  # SDPA's own default
-    if not isinstance(scale, (int, float)):
-        raise AttentionNotFoundError(f"{where} has a non-constant scale ({scale})")
+    del groups
     return AttentionSite(
         index=index,
         module_path=scope,
         attention_node=node.name,
-        query_node=query.name,
-        key_projection=k_proj,
-        value_projection=v_proj,
+        query_node=match.query.name,
+        key_projection=projections["key"],
+        value_projection=projections["value"],
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim,
         value_head_dim=value_head_dim,
-        scale=float(scale),
+        scale=match.scale,
         output_projection=_find_output_projection(node, scope),
+        key_path=key_path,
+        value_path=value_path,
+        kind=match.kind,
+        softcap=match.softcap,
+        key_heads=key_heads,
     )
 
 
@@ -258,17 +261,17 @@ def locate_attention(gm: torch.fx.GraphModule) -> list[AttentionSite]:
             (the message names the node it stopped at).
     """
     check_aten_graph(gm)
-    attention_nodes = [
-        n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS
-    ]
-    if not attention_nodes:
+    matches = find_attention(gm)
+    if not matches:
         ops = collections.Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
         common = ", ".join(f"{op} x{c}" for op, c in ops.most_common(6)) or "none"
         raise AttentionNotFoundError(
-            f"found no attention in the graph: no scaled_dot_product_attention node among "
-            f"{sum(ops.values())} operator calls (most common: {common})"
+            f"found no attention in the graph: no scaled_dot_product_attention node and no "
+            f"matmul/softmax/matmul pattern among {sum(ops.values())} operator calls "
+            f"(most common: {common})"
         )
-    sites = [_match_sdpa(n, i, gm) for i, n in enumerate(attention_nodes)]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    sites = [_build_site(m, i, gm, order) for i, m in enumerate(matches)]
     paths = [s.module_path for s in sites]
     duplicated = sorted({p for p in paths if paths.count(p) > 1})
     if duplicated:

@@ -15,11 +15,12 @@ class Projection:
     """A linear projection feeding the attention's keys or values.
 
     Attributes:
-        node: name of the ``aten.linear`` node.
+        node: name of the projection node (``aten.linear``, or ``aten.addmm`` for Conv1D).
         weight: attribute path of its weight (``model.layers.0.self_attn.k_proj.weight``).
         bias: attribute path of its bias, or None.
-        in_features: size of the projection's input (the hidden size the prompt must have).
-        out_features: size of the projection's output.
+        in_features: width of the hidden states it reads (the hidden size the prompt must
+            have).
+        out_features: width of its output (all of q, k and v for a fused projection).
     """
 
     node: str
@@ -27,6 +28,34 @@ class Projection:
     bias: str | None
     in_features: int
     out_features: int
+
+
+@dataclass(frozen=True)
+class TensorPath:
+    """How a layer turns its hidden states into one attention input (keys or values).
+
+    The insert pass replays these nodes on the prompt instead of the hidden states, so the
+    adapter keys/values go through exactly what the layer's own do (projection, bias,
+    split of a fused projection, per-head normalisation, head split, sharing across query
+    groups), except the positional encoding, which is bypassed.
+
+    Attributes:
+        source: node of the hidden states (batch, seq, hidden) the path starts from.
+        nodes: nodes to replay, in graph order (the positional-encoding region left out).
+        aliases: (exit, entry) pairs: the replay of ``exit`` is the replay of ``entry``,
+            which bypasses the positional-encoding region between them.
+        output: node whose replay is the adapter tensor in the attention's layout.
+        per_kv_head: node whose replay is the tensor before key/value heads are shared
+            across query groups (what the fold pass precomputes).
+        positional: nodes recognised as positional encoding (they read position data).
+    """
+
+    source: str
+    nodes: tuple[str, ...]
+    aliases: tuple[tuple[str, str], ...]
+    output: str
+    per_kv_head: str
+    positional: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -46,6 +75,11 @@ class AttentionSite:
         scale: the factor the attention applies to q @ k^T.
         output_projection: name of the linear node the attention output flows into, or None
             if there is none within the attention module.
+        key_path, value_path: how to compute the adapter keys and values (see TensorPath).
+        kind: "sdpa" (scaled_dot_product_attention) or "eager" (matmul/softmax/matmul).
+        softcap: the attention's logit soft-capping value, or None.
+        key_heads: heads of the key as the attention receives it (num_kv_heads with
+            SDPA's enable_gqa, num_heads after the model's own repeat_kv).
     """
 
     index: int
@@ -60,6 +94,11 @@ class AttentionSite:
     value_head_dim: int
     scale: float
     output_projection: str | None
+    key_path: TensorPath
+    value_path: TensorPath
+    kind: str = "sdpa"
+    softcap: float | None = None
+    key_heads: int = 0
 
     @property
     def hidden_size(self) -> int:
