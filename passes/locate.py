@@ -261,14 +261,15 @@ def locate_attention(gm: torch.fx.GraphModule) -> list[AttentionSite]:
             (the message names the node it stopped at).
     """
     check_aten_graph(gm)
-    matches = find_attention(gm)
+    misses: list[str] = []
+    matches = find_attention(gm, misses)
     if not matches:
         ops = collections.Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
         common = ", ".join(f"{op} x{c}" for op, c in ops.most_common(6)) or "none"
         raise AttentionNotFoundError(
             f"found no attention in the graph: no scaled_dot_product_attention node and no "
             f"matmul/softmax/matmul pattern among {sum(ops.values())} operator calls "
-            f"(most common: {common})"
+            f"(most common: {common})" + "".join(f"\n  {m}" for m in misses[:4])
         )
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     sites = [_build_site(m, i, gm, order) for i, m in enumerate(matches)]

@@ -119,18 +119,35 @@ def _score_chain(node: torch.fx.Node) -> tuple[torch.fx.Node, float, float | Non
     return None
 
 
-def match_eager(softmax: torch.fx.Node) -> AttentionMatch | None:
-    """Match eager attention around a softmax node; None if it is not attention."""
+def _describe(node: object) -> str:
+    if isinstance(node, torch.fx.Node):
+        return f"{node.name!r} ({node.target})"
+    return repr(node)
+
+
+def match_eager(softmax: torch.fx.Node, misses: list[str] | None = None) -> AttentionMatch | None:
+    """Match eager attention around a softmax node; None if it is not attention.
+
+    When it is not, a line saying where matching stopped is appended to ``misses``.
+    """
+
+    def miss(reason: str) -> None:
+        if misses is not None:
+            misses.append(f"softmax {softmax.name!r}: {reason}")
+
     scores = softmax.args[0]
     if not isinstance(scores, torch.fx.Node):
-        return None
+        return miss("its input is not a node")
     chain = _score_chain(scores)
     if chain is None and scores.target == aten.add.Tensor:  # the mask
         for candidate in scores.args[:2]:
             if isinstance(candidate, torch.fx.Node) and (chain := _score_chain(candidate)):
                 break
     if chain is None:
-        return None
+        return miss(
+            f"no matmul(q, k^T) behind its scores {_describe(scores)} through constant "
+            "scaling, soft-capping and a mask add"
+        )
     qk, scale, softcap = chain
     query, key_t = qk.args[:2]
     if not (
@@ -138,7 +155,7 @@ def match_eager(softmax: torch.fx.Node) -> AttentionMatch | None:
         and key_t.target == aten.transpose.int
         and sorted(d % 4 for d in key_t.args[1:3]) == [2, 3]
     ):
-        return None
+        return miss(f"the keys of {_describe(qk)} are not a transpose of the last two dims")
     node = softmax
     while True:
         users = [
@@ -147,7 +164,7 @@ def match_eager(softmax: torch.fx.Node) -> AttentionMatch | None:
             if u.op == "call_function" and u.target != aten._assert_tensor_metadata.default
         ]
         if len(users) != 1:
-            return None
+            return miss(f"{_describe(node)} has {len(users)} users, expected one matmul(p, v)")
         (user,) = users
         if user.target in MATMUL_TARGETS and user.args[0] is node:
             return AttentionMatch("eager", user, query, key_t.args[0], user.args[1], scale, softcap)
@@ -158,18 +175,23 @@ def match_eager(softmax: torch.fx.Node) -> AttentionMatch | None:
                     "the model in eval mode"
                 )
         elif user.target not in _PASS_THROUGH:
-            return None
+            return miss(f"stopped at {_describe(user)} on the way to matmul(p, v)")
         node = user
 
 
-def find_attention(gm: torch.fx.GraphModule) -> list[AttentionMatch]:
-    """Every attention computation in ``gm``, in execution order."""
+def find_attention(
+    gm: torch.fx.GraphModule, misses: list[str] | None = None
+) -> list[AttentionMatch]:
+    """Every attention computation in ``gm``, in execution order.
+
+    Softmax nodes that do not match eager attention are described in ``misses``.
+    """
     matches = []
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
         if node.target in SDPA_TARGETS:
             matches.append(match_sdpa(node))
-        elif node.target in SOFTMAX_TARGETS and (m := match_eager(node)) is not None:
+        elif node.target in SOFTMAX_TARGETS and (m := match_eager(node, misses)) is not None:
             matches.append(m)
     return matches

@@ -100,3 +100,23 @@ def test_scope_check_is_by_whole_path_components():
     assert within("model.layers.1", "model.layers.1")
     assert not within("model.layers.10.self_attn", "model.layers.1")
     assert within("anything", "")
+
+
+class _OddAttention(torch.nn.Module):
+    """Softmax attention with an unknown op between the scores and the softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(16, 16) for _ in range(3))
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = (p(x).view(b, s, 2, 8).transpose(1, 2) for p in (self.q, self.k, self.v))
+        scores = torch.relu(q @ k.transpose(-2, -1))  # not a pattern the pass knows
+        return (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, s, 16)
+
+
+def test_unknown_attention_pattern_names_where_matching_stopped():
+    ep = torch.export.export(_OddAttention(), (torch.randn(2, 5, 16),))
+    with pytest.raises(AttentionNotFoundError, match=r"softmax 'softmax'.*'relu'"):
+        locate_attention(ep.module())
