@@ -147,6 +147,47 @@ def _projection(node: torch.fx.Node, source: torch.fx.Node) -> Projection:
     )
 
 
+def _computed_weight_hint(start: torch.fx.Node, scope: str) -> str:
+    """Why no projection was found, when a linear with a computed weight is the cause."""
+    seen, queue = {start}, collections.deque([start])
+    while queue:
+        node = queue.popleft()
+        if node.op == "call_function" and node.target == aten.linear.default:
+            weight = node.args[1]
+            stored = [
+                a
+                for a in _ancestors_of(weight)
+                if a.op == "get_attr" and isinstance(a.meta.get("val"), torch.Tensor)
+            ]
+            dtypes = sorted({str(a.meta["val"].dtype) for a in stored})
+            return (
+                f"; linear {node.name!r} computes its weight at run time from "
+                f"{[str(a.target) for a in stored][:2]} ({', '.join(dtypes) or 'no stored tensor'})"
+                ": quantised or computed weights are not supported"
+            )
+        for parent in node.all_input_nodes:
+            if (
+                parent not in seen
+                and parent.op == "call_function"
+                and within(module_path_of(parent), scope)
+            ):
+                seen.add(parent)
+                queue.append(parent)
+    return ""
+
+
+def _ancestors_of(node: object) -> list[torch.fx.Node]:
+    if not isinstance(node, torch.fx.Node):
+        return []
+    seen, stack = [], [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.append(n)
+            stack.extend(n.all_input_nodes)
+    return seen
+
+
 def _find_output_projection(attn: torch.fx.Node, scope: str) -> str | None:
     # Follow the attention output through layout ops to the first projection that reads it.
     queue = collections.deque([attn])
@@ -205,6 +246,7 @@ def _build_site(
             raise AttentionNotFoundError(
                 f"{where} in {scope or '<root>'!r}: found no projection with a parameter "
                 f"weight upstream of its {role} input ({start.name!r})"
+                + _computed_weight_hint(start, scope)
             )
         _check_weights(proj, gm, role)
         source = hidden_states_source(proj, _projection_parts(proj)[0])
