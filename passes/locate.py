@@ -15,7 +15,7 @@ import torch
 import torch.fx
 
 from adaption_fx.passes.errors import AttentionNotFoundError, UnsupportedGraphError
-from adaption_fx.passes.paths import hidden_states_source, tensor_path
+from adaption_fx.passes.paths import ancestors, hidden_states_source, tensor_path
 from adaption_fx.passes.patterns import AttentionMatch, find_attention
 from adaption_fx.passes.site import AttentionSite, Projection
 
@@ -154,11 +154,15 @@ def _computed_weight_hint(start: torch.fx.Node, scope: str) -> str:
         node = queue.popleft()
         if node.op == "call_function" and node.target == aten.linear.default:
             weight = node.args[1]
-            stored = [
-                a
-                for a in _ancestors_of(weight)
-                if a.op == "get_attr" and isinstance(a.meta.get("val"), torch.Tensor)
-            ]
+            upstream = ancestors(weight) if isinstance(weight, torch.fx.Node) else set()
+            stored = sorted(
+                (
+                    a
+                    for a in upstream
+                    if a.op == "get_attr" and isinstance(a.meta.get("val"), torch.Tensor)
+                ),
+                key=lambda a: a.name,
+            )
             dtypes = sorted({str(a.meta["val"].dtype) for a in stored})
             return (
                 f"; linear {node.name!r} computes its weight at run time from "
@@ -174,18 +178,6 @@ def _computed_weight_hint(start: torch.fx.Node, scope: str) -> str:
                 seen.add(parent)
                 queue.append(parent)
     return ""
-
-
-def _ancestors_of(node: object) -> list[torch.fx.Node]:
-    if not isinstance(node, torch.fx.Node):
-        return []
-    seen, stack = [], [node]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.append(n)
-            stack.extend(n.all_input_nodes)
-    return seen
 
 
 def _find_output_projection(attn: torch.fx.Node, scope: str) -> str | None:

@@ -80,7 +80,7 @@ class _Reach:
         return self.memo[node]
 
 
-def _ancestors(node: torch.fx.Node, within: set[torch.fx.Node] | None = None) -> set[torch.fx.Node]:
+def ancestors(node: torch.fx.Node, within: set[torch.fx.Node] | None = None) -> set[torch.fx.Node]:
     seen, stack = set(), [node]
     while stack:
         n = stack.pop()
@@ -92,7 +92,7 @@ def _ancestors(node: torch.fx.Node, within: set[torch.fx.Node] | None = None) ->
 
 def _between(source: torch.fx.Node, target: torch.fx.Node) -> set[torch.fx.Node]:
     """Nodes downstream of ``source`` and upstream of (or equal to) ``target``."""
-    upstream = _ancestors(target)
+    upstream = ancestors(target)
     found, queue = set(), collections.deque([source])
     while queue:
         n = queue.popleft()
@@ -148,7 +148,7 @@ def _bypass(
         return (), set()
     goals = set(positional)
     scope = path | {source}
-    up = {n: _ancestors(n, scope) for n in path}
+    up = {n: ancestors(n, scope) for n in path}
     upstream_of_all = set.intersection(*(up[p] for p in positional))
     entries = [n for n in upstream_of_all if (n in path or n is source) and n not in goals]
     entry = None
@@ -225,5 +225,5 @@ def tensor_path(
         aliases=aliases,
         output=target.name,
         per_kv_head=kv_node.name,
-        positional=tuple(sorted((p.name for p in positional), key=lambda n: n)),
+        positional=tuple(sorted(p.name for p in positional)),
     ), groups
