@@ -1,0 +1,1 @@
+"""Benchmarks: adaption-fx against the base model and PEFT, side by side in one process."""
