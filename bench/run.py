@@ -148,26 +148,45 @@ def median_ms(times: dict[str, list[float]]) -> dict[str, float]:
     return {k: 1000 * statistics.median(v) for k, v in times.items()}
 
 
+def _disabled(model):
+    """Our model with adapters disabled: the captured base graph alone."""
+
+    def call(**feed):
+        with model.disable_adapter():
+            return model(**feed)
+
+    return call
+
+
+def _forward_race(cfg: Config, base, ours, peft_model, feed: dict, repeats: int):
+    captured = _disabled(ours)
+    with torch.no_grad():
+        times = race(
+            {
+                "base": lambda: base(**feed),
+                "captured": lambda: captured(**feed),
+                "ours": lambda: ours(**feed),
+                "peft": lambda: peft_model(**feed),
+            },
+            cfg.warmup,
+            repeats,
+        )
+    return times, {
+        "ours/base": ratio(times, "ours", "base"),
+        "peft/base": ratio(times, "peft", "base"),
+        # Diagnostics: what the capture itself costs, and what the adapter adds to it.
+        "captured/base": ratio(times, "captured", "base"),
+        "ours/captured": ratio(times, "ours", "captured"),
+    }
+
+
 def section_eager(cfg: Config, kv_heads: int) -> dict[str, Any]:
     base = build_llama(cfg, kv_heads=kv_heads)
     ours, peft_model = adapted_pair(base, cfg)
     ids, mask = inputs(cfg)
-    with torch.no_grad():
-        times = race(
-            {
-                "base": lambda: base(input_ids=ids, attention_mask=mask),
-                "ours": lambda: ours(input_ids=ids, attention_mask=mask),
-                "peft": lambda: peft_model(input_ids=ids, attention_mask=mask),
-            },
-            cfg.warmup,
-            cfg.repeats,
-        )
-    return {
-        "ms": median_ms(times),
-        "ours/base": ratio(times, "ours", "base"),
-        "peft/base": ratio(times, "peft", "base"),
-        "kv_heads": kv_heads,
-    }
+    feed = {"input_ids": ids, "attention_mask": mask}
+    times, ratios = _forward_race(cfg, base, ours, peft_model, feed, cfg.repeats)
+    return {"ms": median_ms(times), **ratios, "kv_heads": kv_heads}
 
 
 def section_train(cfg: Config) -> dict[str, Any]:
@@ -292,45 +311,18 @@ def section_scaling(cfg: Config) -> dict[str, Any]:
     base = build_llama(cfg)
     rows_seq, rows_len = [], []
     ours, peft_model = adapted_pair(base, cfg)
+    repeats = max(5, cfg.repeats // 2)
     for seq in cfg.seq_sweep:
         ids, mask = inputs(cfg, batch=cfg.sweep_batch, seq=seq)
         feed = {"input_ids": ids, "attention_mask": mask}
-        with torch.no_grad():
-            times = race(
-                {
-                    name: (lambda m=m, feed=feed: m(**feed))
-                    for name, m in (("base", base), ("ours", ours), ("peft", peft_model))
-                },
-                cfg.warmup,
-                max(5, cfg.repeats // 2),
-            )
-        rows_seq.append(
-            {
-                "seq": seq,
-                "ours/base": ratio(times, "ours", "base"),
-                "peft/base": ratio(times, "peft", "base"),
-            }
-        )
+        _, ratios = _forward_race(cfg, base, ours, peft_model, feed, repeats)
+        rows_seq.append({"seq": seq, **ratios})
     ids, mask = inputs(cfg)
+    feed = {"input_ids": ids, "attention_mask": mask}
     for length in cfg.len_sweep:
         ours_n, peft_n = adapted_pair(base, cfg, adapter_len=length)
-        with torch.no_grad():
-            times = race(
-                {
-                    "base": lambda: base(input_ids=ids, attention_mask=mask),
-                    "ours": lambda m=ours_n: m(input_ids=ids, attention_mask=mask),
-                    "peft": lambda m=peft_n: m(input_ids=ids, attention_mask=mask),
-                },
-                cfg.warmup,
-                max(5, cfg.repeats // 2),
-            )
-        rows_len.append(
-            {
-                "adapter_len": length,
-                "ours/base": ratio(times, "ours", "base"),
-                "peft/base": ratio(times, "peft", "base"),
-            }
-        )
+        _, ratios = _forward_race(cfg, base, ours_n, peft_n, feed, repeats)
+        rows_len.append({"adapter_len": length, **ratios})
     return {"seq": rows_seq, "adapter_len": rows_len, "batch": cfg.sweep_batch}
 
 
@@ -357,6 +349,8 @@ def table(results: dict[str, Any]) -> str:
             name = f"eager forward ({'GQA' if key.endswith('gqa') else 'MHA'})"
             row(f"{name}: ours / base", r["ours/base"], TARGETS[("eager", "ours/base")])
             row(f"{name}: PEFT / base", r["peft/base"])
+            row(f"{name}: captured base graph / base (diagnostic)", r["captured/base"])
+            row(f"{name}: ours / captured base graph (diagnostic)", r["ours/captured"])
     if "train" in results:
         row("training step: ours / PEFT", results["train"]["ours/peft"], 0.85)
     if "compile" in results:
@@ -379,13 +373,14 @@ def table(results: dict[str, Any]) -> str:
             fmt="{:.0f}",
         )
     if "scaling" in results:
-        for r in results["scaling"]["seq"]:
-            row(f"seq {r['seq']}: ours / base (PEFT / base {r['peft/base']:.3f})", r["ours/base"])
-        for r in results["scaling"]["adapter_len"]:
-            row(
-                f"adapter_len {r['adapter_len']}: ours / base (PEFT / base {r['peft/base']:.3f})",
-                r["ours/base"],
-            )
+        for key, label in (("seq", "seq"), ("adapter_len", "adapter_len")):
+            for r in results["scaling"][key]:
+                row(
+                    f"{label} {r[key]}: ours / base (PEFT / base {r['peft/base']:.3f}; "
+                    f"captured / base {r['captured/base']:.3f}; ours / captured "
+                    f"{r['ours/captured']:.3f})",
+                    r["ours/base"],
+                )
     return "\n".join(lines)
 
 
@@ -400,6 +395,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
     ax.plot(seqs, [r["ours/base"] for r in rows], "o-", label="adaption-fx (graph pass)")
     ax.plot(seqs, [r["peft/base"] for r in rows], "s--", label="PEFT (wrapped modules)")
+    ax.plot(
+        seqs,
+        [r["ours/captured"] for r in rows],
+        "^:",
+        label="adaption-fx / its own captured base graph",
+    )
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xticks(seqs, [str(s) for s in seqs])
