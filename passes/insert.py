@@ -2,13 +2,15 @@
 
 For each site the pass adds, right after the attention call::
 
-    K_a = expand_kv(view(linear(prompt, W_k, b_k)))      # the layer's own key projection
-    V_a = expand_kv(view(linear(prompt, W_v, b_v)))      # no positional encoding
-    S_a = softmax(Q @ K_a^T * scale, float32).to(Q.dtype)  # adapter keys only, no mask
-    out = attention(Q, K, V) + act(gate) * S_a @ V_a
+    K_a = replay(key path, prompt)      # the layer's own key path, positional encoding bypassed
+    V_a = replay(value path, prompt)    # (projection, bias, fused split, norms, repeat_kv)
+    S_a = softmax(Q @ (scale * K_a)^T [soft-capped as the layer does], float32).to(Q.dtype)
+    out = attention(Q, K, V) + S_a @ (act(gate) * V_a)
 
 where Q is the node the attention already consumes (after RoPE) and ``scale`` is the
 attention's own. Nothing is recomputed: no second query, no second output projection.
+(``S_a @ (g * V_a)`` equals PEFT's ``(g * S_a) @ V_a``; the gate meets the small adapter
+values instead of the scores.)
 
 The prompt and gate of every site become extra graph inputs, appended after the model's
 own inputs. One rewritten graph therefore serves every adapter of the same structure
@@ -199,8 +201,11 @@ def _insert_site(
     # With SDPA's enable_gqa the attention receives fewer key heads than query heads.
     k = _share_heads(b, k, site.key_heads or site.num_heads, site.head_dim, "key", n)
     v = _share_heads(b, v, site.key_heads or site.num_heads, site.value_head_dim, "value", n)
+    # The scale and the gate act on the adapter keys/values, (1, heads, adapter_len, dim),
+    # rather than on the (batch, heads, seq, adapter_len) scores: same result, two fewer
+    # passes over activations per layer. With a zero gate, gate * V is exactly zero.
+    k = b(aten.mul.Tensor, (k, site.scale), "key_scaled")
     scores = b(aten.matmul.default, (query, b(aten.transpose.int, (k, -2, -1), "key_t")), "scores")
-    scores = b(aten.mul.Tensor, (scores, site.scale), "scaled")
     if site.softcap is not None:
         # The layer's own logit soft-capping, as its attention applies it after scaling.
         scores = b(aten.div.Tensor, (scores, site.softcap), "capped")
@@ -212,7 +217,7 @@ def _insert_site(
         probs = b(aten._to_copy.default, (probs,), "probs_cast", {"dtype": query_dtype})
     if config.gate_activation == "tanh":
         gate = b(aten.tanh.default, (gate,), "gate_tanh")
-    probs = b(aten.mul.Tensor, (probs, gate), "gated")
+    v = b(aten.mul.Tensor, (v, gate), "value_gated")
     out = b(aten.matmul.default, (probs, v), "out")
     total = b(aten.add.Tensor, (attn, out), "sum")
     attn.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
