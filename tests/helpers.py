@@ -73,3 +73,29 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) 
     scale = expected.abs().max().clamp_min(1e-12)
     err = ((actual - expected).abs().max() / scale).item()
     assert err <= rtol, f"relative error {err:.3e} > {rtol:.1e}"
+
+
+def snapshot_state(model) -> dict:
+    """Everything a failed call on an AdaptedModel must leave untouched."""
+    return {
+        "adapters": model.adapters,
+        "active": model.active_adapter,
+        "enabled": model.adapters_enabled,
+        "graph": model.graph_module,
+        "weights": list(model.adapter_weights.keys()),
+        "params": {k: (v, v.detach().clone()) for k, v in model.named_parameters()},
+    }
+
+
+def assert_state_unchanged(model, snap: dict) -> None:
+    """The model's adapters, active adapter, graph and every parameter are as in ``snap``."""
+    assert model.adapters == snap["adapters"]
+    assert model.active_adapter == snap["active"]
+    assert model.adapters_enabled == snap["enabled"]
+    assert model.graph_module is snap["graph"]
+    assert list(model.adapter_weights.keys()) == snap["weights"]
+    now = dict(model.named_parameters())
+    assert now.keys() == snap["params"].keys()
+    for key, (obj, value) in snap["params"].items():
+        assert now[key] is obj, key
+        assert torch.equal(now[key], value), key

@@ -17,7 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import padded_batch, randomize_adapter, tiny_llama
+from helpers import (
+    assert_state_unchanged,
+    padded_batch,
+    randomize_adapter,
+    snapshot_state,
+    tiny_llama,
+)
 from safetensors.torch import load_file, save_file
 
 from adaption_fx import AdaptionConfig, rewrite
@@ -37,31 +43,6 @@ GATE2 = "model.layers.2.self_attn.adaption_gate"
 
 
 # --------------------------------------------------------------------------- helpers
-def _snapshot(model):
-    """Everything a failed call must leave untouched."""
-    return {
-        "adapters": model.adapters,
-        "active": model.active_adapter,
-        "enabled": model.adapters_enabled,
-        "graph": model.graph_module,
-        "weights": list(model.adapter_weights.keys()),
-        "params": {k: (v, v.detach().clone()) for k, v in model.named_parameters()},
-    }
-
-
-def _assert_unchanged(model, snap):
-    assert model.adapters == snap["adapters"]
-    assert model.active_adapter == snap["active"]
-    assert model.adapters_enabled == snap["enabled"]
-    assert model.graph_module is snap["graph"]
-    assert list(model.adapter_weights.keys()) == snap["weights"]
-    now = dict(model.named_parameters())
-    assert now.keys() == snap["params"].keys()
-    for key, (obj, value) in snap["params"].items():
-        assert now[key] is obj, key
-        assert torch.equal(now[key], value), key
-
-
 def _tree(root: Path) -> dict[str, bytes | None]:
     """Relative path -> bytes (files) or None (directories), for the whole tree."""
     return {
@@ -177,52 +158,52 @@ def test_saved_checkpoint_loads_back_exactly(adapted, saved):
 
 # --------------------------------------------------------------------------- missing files
 def test_missing_directory(adapted, tmp_path):
-    snap = _snapshot(adapted)
+    snap = snapshot_state(adapted)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         adapted.load_adapter(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         adapted.load_adapter(tmp_path / "nope", "other")
-    _assert_unchanged(adapted, snap)
+    assert_state_unchanged(adapted, snap)
 
 
 def test_path_is_a_file(adapted, tmp_path):
     path = tmp_path / "file"
     path.write_text("x")
-    snap = _snapshot(adapted)
+    snap = snapshot_state(adapted)
     with pytest.raises(NotADirectoryError, match="is not a directory"):
         adapted.load_adapter(path)
-    _assert_unchanged(adapted, snap)
+    assert_state_unchanged(adapted, snap)
 
 
 def test_directory_without_config(adapted, tmp_path):
     (tmp_path / "empty").mkdir()
-    snap = _snapshot(adapted)
+    snap = snapshot_state(adapted)
     with pytest.raises(FileNotFoundError, match=f"no {CONFIG} in") as info:
         adapted.load_adapter(tmp_path / "empty")
     assert "subfolders" not in str(info.value)
-    _assert_unchanged(adapted, snap)
+    assert_state_unchanged(adapted, snap)
 
 
 def test_directory_with_only_adapter_subfolders_hints_at_them(adapted, tmp_path):
     directory = tmp_path / "only_other"
     adapted.save_adapter(directory, adapter_name="other")
     assert sorted(p.name for p in directory.iterdir()) == ["other"]
-    snap = _snapshot(adapted)
+    snap = snapshot_state(adapted)
     with pytest.raises(FileNotFoundError, match=r"adapter subfolders \['other'\]"):
         adapted.load_adapter(directory)
     with pytest.raises(FileNotFoundError, match=r"adapter subfolders \['other'\]"):
         AdaptionConfig.from_pretrained(directory)
-    _assert_unchanged(adapted, snap)
+    assert_state_unchanged(adapted, snap)
 
 
 def test_missing_weights_file(adapted, ckpt_dir):
     (ckpt_dir / WEIGHTS).unlink()
-    snap = _snapshot(adapted)
+    snap = snapshot_state(adapted)
     with pytest.raises(FileNotFoundError, match=f"no {WEIGHTS} in"):
         adapted.load_adapter(ckpt_dir)
     with pytest.raises(FileNotFoundError, match=f"no {WEIGHTS} in"):
         adapted.load_adapter(ckpt_dir, "fresh")
-    _assert_unchanged(adapted, snap)
+    assert_state_unchanged(adapted, snap)
 
 
 # --------------------------------------------------------------------------- bad config
@@ -238,22 +219,22 @@ def test_missing_weights_file(adapted, ckpt_dir):
 )
 def test_invalid_json(adapted, ckpt_dir, content, pattern):
     (ckpt_dir / CONFIG).write_bytes(content)
-    snap = _snapshot(adapted)
+    snap = snapshot_state(adapted)
     with pytest.raises(CheckpointError, match=pattern):
         adapted.load_adapter(ckpt_dir)
     with pytest.raises(CheckpointError, match=pattern):
         AdaptionConfig.from_pretrained(ckpt_dir)
-    _assert_unchanged(adapted, snap)
+    assert_state_unchanged(adapted, snap)
 
 
 def test_config_for_another_method(adapted, ckpt_dir):
     _edit_config(ckpt_dir, peft_type="LORA", r=8)
-    snap = _snapshot(adapted)
+    snap = snapshot_state(adapted)
     with pytest.raises(CheckpointError, match=r"peft_type 'LORA'.*'ADAPTION_PROMPT'"):
         adapted.load_adapter(ckpt_dir)
     with pytest.raises(CheckpointError, match="peft_type 'LORA'"):
         AdaptionConfig.from_pretrained(ckpt_dir)
-    _assert_unchanged(adapted, snap)
+    assert_state_unchanged(adapted, snap)
 
 
 @pytest.mark.parametrize(
@@ -270,66 +251,66 @@ def test_config_for_another_method(adapted, ckpt_dir):
 def test_config_with_bad_fields_is_a_checkpoint_error(adapted, ckpt_dir, changes, remove, pattern):
     """A bad adapter_config.json is a content problem: CheckpointError naming the file."""
     _edit_config(ckpt_dir, remove=remove, **changes)
-    snap = _snapshot(adapted)
+    snap = snapshot_state(adapted)
     with pytest.raises(CheckpointError, match=pattern) as info:
         adapted.load_adapter(ckpt_dir)
     assert CONFIG in str(info.value)
-    _assert_unchanged(adapted, snap)
+    assert_state_unchanged(adapted, snap)
 
 
 # --------------------------------------------------------------------------- shapes
 def test_tensor_adapter_len_differs_from_config(adapted, ckpt_dir):
     _edit_config(ckpt_dir, adapter_len=5)
-    snap = _snapshot(adapted)
+    snap = snapshot_state(adapted)
     with pytest.raises(
         CheckpointError, match=r"has shape \(1, 3, 64\) but this model needs \(1, 5, 64\)"
     ) as info:
         adapted.load_adapter(ckpt_dir)
     assert "adapter_len=5" in str(info.value)
-    _assert_unchanged(adapted, snap)
+    assert_state_unchanged(adapted, snap)
 
 
 @pytest.mark.parametrize("name", ["default", "fresh"])
 def test_hidden_size_mismatch(adapted, narrow_saved, name):
-    snap = _snapshot(adapted)
+    snap = snapshot_state(adapted)
     with pytest.raises(
         CheckpointError, match=r"adaption_prompt has shape \(1, 3, 32\) but this model needs "
     ):
         adapted.load_adapter(narrow_saved, name)
-    _assert_unchanged(adapted, snap)
+    assert_state_unchanged(adapted, snap)
 
 
 def test_more_adapter_layers_than_the_model_has(adapted, deep_saved):
-    snap = _snapshot(adapted)
+    snap = snapshot_state(adapted)
     with pytest.raises(
         CheckpointError, match="does not fit: adapter_layers=6 but the model has only 4"
     ):
         adapted.load_adapter(deep_saved, "deep")
-    _assert_unchanged(adapted, snap)
+    assert_state_unchanged(adapted, snap)
 
 
 def test_tensors_of_other_layers(adapted, deep_saved, tmp_path):
     """adapter_layers=2 in the config but tensors for all six layers of a deeper model."""
     directory = _copy(deep_saved, tmp_path)
     _edit_config(directory, adapter_layers=2)
-    snap = _snapshot(adapted)
+    snap = snapshot_state(adapted)
     with pytest.raises(CheckpointError, match="do not match the model's adapted layers") as info:
         adapted.load_adapter(directory)
     assert "unexpected ['model.layers.0.self_attn.adaption_gate'" in str(info.value)
-    _assert_unchanged(adapted, snap)
+    assert_state_unchanged(adapted, snap)
 
 
 def test_per_head_gates_under_a_scalar_config(adapted, ckpt_dir):
     other = ckpt_dir / "other"
     _edit_config(other, remove=("gate", "gate_activation"))  # PEFT's files: scalar, identity
     assert AdaptionConfig.from_pretrained(other).gate == "scalar"
-    snap = _snapshot(adapted)
+    snap = snapshot_state(adapted)
     with pytest.raises(
         CheckpointError, match=r"adaption_gate has shape \(1, 4, 1, 1\) but this model needs \(1,\)"
     ) as info:
         adapted.load_adapter(ckpt_dir, "other")
     assert "gate='scalar'" in str(info.value)
-    _assert_unchanged(adapted, snap)
+    assert_state_unchanged(adapted, snap)
 
 
 # --------------------------------------------------------------------------- keys
@@ -363,18 +344,18 @@ def _strip_prefix(t):
 @pytest.mark.parametrize("name", ["default", "fresh"])
 def test_tensor_keys_must_match(adapted, ckpt_dir, edit, pattern, name):
     _edit_tensors(ckpt_dir, edit)
-    snap = _snapshot(adapted)
+    snap = snapshot_state(adapted)
     with pytest.raises(CheckpointError, match=pattern):
         adapted.load_adapter(ckpt_dir, name)
-    _assert_unchanged(adapted, snap)
+    assert_state_unchanged(adapted, snap)
 
 
 def test_non_float_tensor(adapted, ckpt_dir):
     _edit_tensors(ckpt_dir, lambda t: t.update({PREFIX + GATE3: torch.ones(1, dtype=torch.int32)}))
-    snap = _snapshot(adapted)
+    snap = snapshot_state(adapted)
     with pytest.raises(CheckpointError, match=r"non-float dtype torch\.int32"):
         adapted.load_adapter(ckpt_dir)
-    _assert_unchanged(adapted, snap)
+    assert_state_unchanged(adapted, snap)
 
 
 # --------------------------------------------------------------------------- corrupt files
@@ -395,11 +376,11 @@ def _truncate(path: Path) -> None:
 )
 def test_corrupt_weights_file(adapted, ckpt_dir, damage):
     damage(ckpt_dir / WEIGHTS)
-    snap = _snapshot(adapted)
+    snap = snapshot_state(adapted)
     with pytest.raises(CheckpointError, match="is not a readable safetensors file") as info:
         adapted.load_adapter(ckpt_dir)
     assert WEIGHTS in str(info.value)
-    _assert_unchanged(adapted, snap)
+    assert_state_unchanged(adapted, snap)
 
 
 # --------------------------------------------------------------------------- non-finite
@@ -422,11 +403,11 @@ def test_non_finite_values_are_refused_by_default(adapted, ckpt_dir, edit, name)
     _edit_tensors(ckpt_dir, edit)
     if name == "other":  # load the scalar checkpoint at the root over the per-head adapter
         shutil.rmtree(ckpt_dir / "other")
-    snap = _snapshot(adapted)
+    snap = snapshot_state(adapted)
     with pytest.raises(CheckpointError, match="holds NaN or infinite values") as info:
         adapted.load_adapter(ckpt_dir, name)
     assert "allow_non_finite=True" in str(info.value)
-    _assert_unchanged(adapted, snap)
+    assert_state_unchanged(adapted, snap)
 
 
 def test_non_finite_values_load_with_allow_non_finite(ckpt_dir):
@@ -457,12 +438,12 @@ def test_replacing_keeps_activity_and_a_failed_replace_keeps_old_tensors(adapted
     # A failed replace of the active adapter leaves its old tensors (objects and values).
     bad = _copy(saved, tmp_path, "bad")
     _edit_tensors(bad, _nan_only)
-    snap = _snapshot(model)
+    snap = snapshot_state(model)
     with pytest.raises(CheckpointError, match="holds NaN"):
         model.load_adapter(bad, "default")
     with pytest.raises(CheckpointError, match="holds NaN"):
         model.load_adapter(bad, "b")
-    _assert_unchanged(model, snap)
+    assert_state_unchanged(model, snap)
 
     # Replacing the active adapter with one of another structure: still active, new tensors.
     model.load_adapter(saved / "other", "default")

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import padded_batch, randomize_adapter, tiny_llama
+from helpers import (
+    assert_state_unchanged,
+    padded_batch,
+    randomize_adapter,
+    snapshot_state,
+    tiny_llama,
+)
 
 from adaption_fx import AdaptionConfig, rewrite
 
@@ -69,29 +75,6 @@ def test_config_needs_both_sizes():
         AdaptionConfig(adapter_len=4)  # type: ignore[call-arg]
 
 
-def _snapshot(model):
-    """Everything a failed call must leave untouched."""
-    return {
-        "adapters": model.adapters,
-        "active": model.active_adapter,
-        "enabled": model.adapters_enabled,
-        "graph": model.graph_module,
-        "params": {k: (v, v.detach().clone()) for k, v in model.named_parameters()},
-    }
-
-
-def _assert_unchanged(model, snap):
-    assert model.adapters == snap["adapters"]
-    assert model.active_adapter == snap["active"]
-    assert model.adapters_enabled == snap["enabled"]
-    assert model.graph_module is snap["graph"]
-    now = dict(model.named_parameters())
-    assert now.keys() == snap["params"].keys()
-    for key, (obj, value) in snap["params"].items():
-        assert now[key] is obj
-        assert torch.equal(now[key], value), key
-
-
 @pytest.fixture(scope="module")
 def adapted():
     model = rewrite(tiny_llama(), AdaptionConfig(adapter_len=3, adapter_layers=2))
@@ -153,20 +136,20 @@ def test_too_many_layers_in_rewrite_leaves_the_source_untouched():
     ],
 )
 def test_bad_adapter_calls_change_nothing(adapted, call, exc, pattern):
-    snap = _snapshot(adapted)
+    snap = snapshot_state(adapted)
     with pytest.raises(exc, match=pattern):
         call(adapted)
-    _assert_unchanged(adapted, snap)
+    assert_state_unchanged(adapted, snap)
 
 
 def test_load_state_dict_checks_every_shape_before_writing(adapted):
     state = {k: torch.full_like(v, 7.0) for k, v in adapted.state_dict().items()}
     last = sorted(state)[-1]
     state[last] = torch.zeros(1, 99, 64)
-    snap = _snapshot(adapted)
+    snap = snapshot_state(adapted)
     with pytest.raises(ValueError, match=r"shape \(1, 99, 64\) does not fit"):
         adapted.load_state_dict(state)
-    _assert_unchanged(adapted, snap)
+    assert_state_unchanged(adapted, snap)
 
 
 @pytest.mark.parametrize(
