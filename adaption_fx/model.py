@@ -137,8 +137,7 @@ class AdaptedModel(torch.nn.Module):
 
     def adapted_sites(self, adapter_name: str | None = None) -> list[AttentionSite]:
         """The sites an adapter modifies (the active adapter by default)."""
-        name = self._resolve(adapter_name)
-        return list(self._graphs[self._adapter_structure[name]].sites)
+        return list(self.adaption_graph(adapter_name).sites)
 
     @property
     def graph_module(self) -> torch.fx.GraphModule:
@@ -156,8 +155,8 @@ class AdaptedModel(torch.nn.Module):
         graph = self._active_graph()
         if graph is None:
             return []
-        weights = self.adapter_weights[self._active]
-        return list(zip(graph.adapter_inputs, weights.tensors(graph.adapter_inputs), strict=True))
+        tensors = self.adapter_tensors(self._active)
+        return list(zip(graph.adapter_inputs, tensors, strict=True))
 
     # ----------------------------------------------------------------- management
     def add_adapter(
@@ -257,7 +256,7 @@ class AdaptedModel(torch.nn.Module):
     def _active_graph(self) -> AdaptionGraph | None:
         if not self._enabled or self._active is None:
             return None
-        return self._graphs[self._adapter_structure[self._active]]
+        return self.adaption_graph(self._active)
 
     # ----------------------------------------------------------------- running
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -286,8 +285,7 @@ class AdaptedModel(torch.nn.Module):
         if graph is None:
             outputs = runner(self.base_graph_module)(*flat)
         else:
-            tensors = self.adapter_weights[self._active].tensors(graph.adapter_inputs)
-            outputs = runner(graph.graph_module)(*flat, *tensors)
+            outputs = runner(graph.graph_module)(*flat, *self.adapter_tensors(self._active))
         result = self._captured.unflatten(outputs)
         if labels is not None:
             logits = result.logits
@@ -304,8 +302,7 @@ class AdaptedModel(torch.nn.Module):
     def adapter_tensors(self, adapter_name: str | None = None) -> list[torch.Tensor]:
         """An adapter's tensors in its graph's adapter-input order."""
         name = self._resolve(adapter_name)
-        graph = self._graphs[self._adapter_structure[name]]
-        return self.adapter_weights[name].tensors(graph.adapter_inputs)
+        return self.adapter_weights[name].tensors(self.adaption_graph(name).adapter_inputs)
 
     @property
     def captured(self) -> CapturedModel:

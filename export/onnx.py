@@ -27,6 +27,7 @@ import torch.fx
 
 from adaption_fx.model import AdaptedModel
 from adaption_fx.passes.fold import adapter_projection, fold_adapter_kv
+from adaption_fx.passes.insert import AdaptionGraph
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,12 @@ class _Plan:
     baked: dict[str, torch.Tensor]
     folded: bool
     adapter: dict[str, Any] | None
-    raw_inputs: list[str]
+    source: AdaptionGraph | None = None  # the adapter's rewritten graph, before folding
+    source_tensors: list[torch.Tensor] | None = None  # its prompts and gates, in input order
+
+    @property
+    def raw_inputs(self) -> list[str]:
+        return list(self.source.adapter_inputs) if self.source is not None else []
 
 
 def _plan(
@@ -76,23 +82,21 @@ def _plan(
     if disabled:
         if adapter_as_inputs:
             raise ValueError("adapter_as_inputs=True needs an adapter; adapters are disabled")
-        return _Plan(model.base_graph_module, [], {}, {}, False, None, [])
+        return _Plan(model.base_graph_module, [], {}, {}, False, None)
     name = model.active_adapter if adapter_name is None else adapter_name
     graph = model.adaption_graph(name)
     tensors = [t.detach() for t in model.adapter_tensors(name)]
     adapter = {"name": name, **model.adapters[name].to_dict()}
-    raw = list(graph.adapter_inputs)
     if fold:
         folded = fold_adapter_kv(graph, tensors, as_inputs=adapter_as_inputs)
         values = {k: folded.values[k] for k in folded.adapter_inputs}
-        return _Plan(
-            folded.graph_module, list(folded.adapter_inputs), values, {}, True, adapter, raw
-        )
+        inputs = list(folded.adapter_inputs)
+        return _Plan(folded.graph_module, inputs, values, {}, True, adapter, graph, tensors)
     named = dict(zip(graph.adapter_inputs, tensors, strict=True))
     if adapter_as_inputs:
-        return _Plan(graph.graph_module, raw, named, {}, False, adapter, raw)
+        return _Plan(graph.graph_module, list(named), named, {}, False, adapter, graph, tensors)
     baked = {k.replace(".", "_"): v for k, v in named.items()}
-    return _Plan(graph.graph_module, [], {}, baked, False, adapter, raw)
+    return _Plan(graph.graph_module, [], {}, baked, False, adapter, graph, tensors)
 
 
 def _concrete(example: torch.Tensor) -> torch.Tensor:
@@ -262,14 +266,12 @@ def to_onnx(
     projection_name = None
     projection = None
     if adapter_as_inputs and plan.folded:
-        graph = model.adaption_graph(plan.adapter["name"])
-        proj_module, proj_outputs = adapter_projection(graph)
+        proj_module, proj_outputs = adapter_projection(plan.source)
         proj_module.training = False
-        raw = [t.detach() for t in model.adapter_tensors(plan.adapter["name"])]
         projection = _export(
             proj_module,
-            tuple(raw),
-            input_names=list(graph.adapter_inputs),
+            tuple(plan.source_tensors),
+            input_names=plan.raw_inputs,
             output_names=list(proj_outputs),
             dynamic_shapes=None,
             opset=opset,

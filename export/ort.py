@@ -205,36 +205,25 @@ class OrtModel:
         return {k: v.detach().cpu().numpy() for k, v in values.items()}
 
     def _from_directory(self, directory: Path) -> dict[str, np.ndarray]:
-        from safetensors.numpy import load_file
+        import torch
 
         from adaption_fx import checkpoint as ckpt
+        from adaption_fx.config import AdaptionConfig
 
-        config = ckpt.read_config_dict(directory)
-        config.setdefault("gate", "scalar")
-        config.setdefault("gate_activation", "identity")
-        self._check_structure(config, str(directory))
-        path = directory / ckpt.WEIGHTS_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"no {ckpt.WEIGHTS_NAME} in {str(directory)!r}")
-        try:
-            tensors = load_file(str(path))
-        except Exception as exc:  # safetensors raises its own error types
-            raise ckpt.CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
-        raw = {
-            k[len(ckpt.PEFT_KEY_PREFIX) :]: v
-            for k, v in tensors.items()
-            if k.startswith(ckpt.PEFT_KEY_PREFIX)
-        }
+        config = AdaptionConfig.from_pretrained(directory)
+        self._check_structure(config.to_dict(), str(directory))
+        where = str(directory / ckpt.WEIGHTS_NAME)
+        state = ckpt.from_peft_keys(ckpt.read_tensors(directory), where)
         expected = self.metadata.get("raw_adapter_inputs", [])
-        missing = [k for k in expected if k not in raw]
-        unexpected = sorted(set(raw) - set(expected)) + sorted(
-            k for k in tensors if not k.startswith(ckpt.PEFT_KEY_PREFIX)
-        )
+        missing = [k for k in expected if k not in state]
+        unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
-            raise ckpt.CheckpointError(f"{path}: missing {missing}, unexpected {unexpected}")
+            raise ckpt.CheckpointError(f"{where}: missing {missing}, unexpected {unexpected}")
         for key in expected:
-            if not np.isfinite(raw[key]).all():
-                raise ckpt.CheckpointError(f"{path}: {key} holds NaN or infinite values")
+            if not bool(torch.isfinite(state[key]).all()):
+                raise ckpt.CheckpointError(f"{where}: {key} holds NaN or infinite values")
+        # numpy has no bfloat16; the session casts to its own input dtype anyway.
+        raw = {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()}
         if not self.metadata.get("folded"):
             return raw
         return self._project(raw, expected)

@@ -49,13 +49,14 @@ class FoldedGraph:
     values: dict[str, torch.Tensor]
 
 
-def _role_nodes(gm: torch.fx.GraphModule, site: AttentionSite) -> tuple[torch.fx.Node, ...]:
-    """The nodes that produce a site's adapter key, value and activated gate."""
-    by_role: dict[str, torch.fx.Node] = {}
-    for node in gm.graph.nodes:
+def _role_nodes(graph: AdaptionGraph) -> dict[str, tuple[torch.fx.Node, ...]]:
+    """Per site path: the nodes producing its adapter key, value and activated gate."""
+    by_site: dict[str, dict[str, torch.fx.Node]] = {s.module_path: {} for s in graph.sites}
+    for node in graph.graph_module.graph.nodes:
         tag = node.meta.get(ADAPTION_META_KEY)
-        if not tag or tag["site"] != site.module_path:
+        if not tag or tag["site"] not in by_site:
             continue
+        by_role = by_site[tag["site"]]
         role = tag["role"]
         if role == "input" and tag["key"].endswith("adaption_gate"):
             by_role.setdefault("gate_act", node)
@@ -63,13 +64,16 @@ def _role_nodes(gm: torch.fx.GraphModule, site: AttentionSite) -> tuple[torch.fx
             by_role["gate_act"] = node
         if tag.get("kv_role") in ("key_kv", "value_kv"):
             by_role[tag["kv_role"]] = node
-    missing = {"key_kv", "value_kv", "gate_act"} - set(by_role)
-    if missing:
-        raise ValueError(
-            f"site {site.module_path!r}: graph has no adapter nodes with roles {sorted(missing)}; "
-            "fold_adapter_kv needs a graph produced by insert_adaption_prompt"
-        )
-    return by_role["key_kv"], by_role["value_kv"], by_role["gate_act"]
+    result = {}
+    for path, by_role in by_site.items():
+        missing = {"key_kv", "value_kv", "gate_act"} - set(by_role)
+        if missing:
+            raise ValueError(
+                f"site {path!r}: graph has no adapter nodes with roles {sorted(missing)}; "
+                "fold_adapter_kv needs a graph produced by insert_adaption_prompt"
+            )
+        result[path] = (by_role["key_kv"], by_role["value_kv"], by_role["gate_act"])
+    return result
 
 
 def adapter_projection(graph: AdaptionGraph) -> tuple[torch.fx.GraphModule, tuple[str, ...]]:
@@ -80,10 +84,11 @@ def adapter_projection(graph: AdaptionGraph) -> tuple[torch.fx.GraphModule, tupl
     folded values cannot drift from what the unfolded graph computes.
     """
     gm = graph.graph_module
+    roles = _role_nodes(graph)
     outputs: list[torch.fx.Node] = []
     names: list[str] = []
     for site in graph.sites:
-        outputs.extend(_role_nodes(gm, site))
+        outputs.extend(roles[site.module_path])
         names.extend(folded_keys(site))
     needed: set[torch.fx.Node] = set()
     stack = list(outputs)
@@ -145,6 +150,7 @@ def fold_adapter_kv(
             raise ValueError(f"missing adapter tensors {missing}")
         tensors = [tensors[k] for k in graph.adapter_inputs]
     values = compute_folded(graph, tensors)
+    roles = _role_nodes(graph)
     new_graph, nodes = copy_flat_graph(graph.graph_module)
     model_placeholders = [
         n for n in new_graph.nodes if n.op == "placeholder" and ADAPTION_META_KEY not in n.meta
@@ -153,7 +159,7 @@ def fold_adapter_kv(
     constants = torch.nn.Module()
     inputs: list[str] = []
     for site in graph.sites:
-        old = [nodes[n.name] for n in _role_nodes(graph.graph_module, site)]
+        old = [nodes[n.name] for n in roles[site.module_path]]
         for name, node in zip(folded_keys(site), old, strict=True):
             attr = name.replace(".", "_")
             if anchor is None:

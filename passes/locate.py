@@ -216,7 +216,11 @@ def _check_weights(node: torch.fx.Node, gm: torch.fx.GraphModule, what: str) -> 
 
 
 def _build_site(
-    match: AttentionMatch, index: int, gm: torch.fx.GraphModule, order: dict
+    match: AttentionMatch,
+    index: int,
+    gm: torch.fx.GraphModule,
+    order: dict[torch.fx.Node, int],
+    nodes: dict[str, torch.fx.Node],
 ) -> AttentionSite:
     node = match.output
     where = f"attention at {node.name!r}"
@@ -244,8 +248,7 @@ def _build_site(
         source = hidden_states_source(proj, _projection_parts(proj)[0])
         paths[role] = tensor_path(start, source, order)
         projections[role] = _projection(proj, source)
-    (key_path, groups), (value_path, _) = paths["key"], paths["value"]
-    nodes = {n.name: n for n in gm.graph.nodes}
+    key_path, value_path = paths["key"], paths["value"]
     kv = _tensor_meta(nodes[key_path.per_kv_head])
     vv = _tensor_meta(nodes[value_path.per_kv_head])
     num_kv_heads = _static(kv.shape[1], "key/value head count", node)
@@ -264,7 +267,6 @@ def _build_site(
             f"{where} in {scope!r}: key and value projections read hidden states of "
             f"different widths"
         )
-    del groups
     return AttentionSite(
         index=index,
         module_path=scope,
@@ -306,7 +308,8 @@ def locate_attention(gm: torch.fx.GraphModule) -> list[AttentionSite]:
             f"(most common: {common})" + "".join(f"\n  {m}" for m in misses[:4])
         )
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    sites = [_build_site(m, i, gm, order) for i, m in enumerate(matches)]
+    nodes = {n.name: n for n in order}
+    sites = [_build_site(m, i, gm, order, nodes) for i, m in enumerate(matches)]
     paths = [s.module_path for s in sites]
     duplicated = sorted({p for p in paths if paths.count(p) > 1})
     if duplicated:

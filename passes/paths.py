@@ -178,8 +178,8 @@ def _bypass(
     return ((exit_.name, entry.name),), region
 
 
-def _per_kv_head(target: torch.fx.Node, path: set[torch.fx.Node]) -> tuple[torch.fx.Node, int]:
-    """The node before key/value heads are repeated for query groups, and the group count."""
+def _per_kv_head(target: torch.fx.Node, path: set[torch.fx.Node]) -> torch.fx.Node:
+    """The node before key/value heads are repeated for query groups (``target`` if none)."""
     node, expand = target, None
     while node in path and node.target in _REPEAT_OPS:
         shape, parent = _shape(node), _shape(node.args[0])
@@ -195,29 +195,25 @@ def _per_kv_head(target: torch.fx.Node, path: set[torch.fx.Node]) -> tuple[torch
             break
         node = node.args[0]
     if expand is None:
-        return target, 1
+        return target
     node = expand.args[0]
     while (shape := _shape(node)) is not None and len(shape) != 4 and node in path:
         node = node.args[0]
     if _shape(node) is None or len(_shape(node)) != 4:
-        return target, 1
-    groups = _shape(expand)[2]
-    return node, groups if isinstance(groups, int) else 1
+        return target
+    return node
 
 
 def tensor_path(
     target: torch.fx.Node, source: torch.fx.Node, order: dict[torch.fx.Node, int]
-) -> tuple[TensorPath, int]:
-    """The replayable path from ``source`` (hidden states) to ``target`` (attention input).
-
-    Returns the path and the number of query groups its key/value heads are shared by.
-    """
+) -> TensorPath:
+    """The replayable path from ``source`` (hidden states) to ``target`` (attention input)."""
     path = _between(source, target) | {target}
     positional = _positional(path, source)
     aliases, region = _bypass(positional, path, source, target, order)
-    kv_node, groups = _per_kv_head(target, path)
+    kv_node = _per_kv_head(target, path)
     if kv_node in region and kv_node.name != aliases[0][0]:
-        kv_node, groups = target, 1  # inside the bypassed region: fold at the output instead
+        kv_node = target  # inside the bypassed region: fold at the output instead
     nodes = sorted(path - region, key=order.__getitem__)
     return TensorPath(
         source=source.name,
@@ -226,4 +222,4 @@ def tensor_path(
         output=target.name,
         per_kv_head=kv_node.name,
         positional=tuple(sorted(p.name for p in positional)),
-    ), groups
+    )
