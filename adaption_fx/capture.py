@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.fx
@@ -13,6 +16,7 @@ import torch.utils._pytree as pytree
 
 from adaption_fx.passes.graph_copy import copy_flat_graph, graph_module_sharing
 from adaption_fx.passes.locate import check_aten_graph
+from adaption_fx.passes.patterns import SDPA_TARGETS, SOFTMAX_TARGETS
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +40,10 @@ class CapturedModel:
             ``attention_mask`` means "attend to every token".
         loss_function: the source's Hugging Face loss (``labels=`` support), if any.
         source_name: class name of what was captured, for messages.
+        causal: for Hugging Face causal LMs, a second capture of the same model without
+            ``attention_mask``, whose attention calls SDPA with ``is_causal=True`` and no mask
+            tensor (see :func:`capture_causal`). Used when every token is attended to, where
+            it computes the same function without building and reading a mask.
     """
 
     graph_module: torch.fx.GraphModule
@@ -50,6 +58,8 @@ class CapturedModel:
     name_or_path: str | None = None
     reference_weight: torch.Tensor | None = None
     placement: tuple[torch.device, torch.dtype] | None = None
+    causal: CapturedModel | None = None
+    validate: Callable[[dict[str, Any]], None] | None = None
 
     def check_placement(self) -> None:
         """Raise if the weights moved or were cast since capture.
@@ -87,6 +97,10 @@ class CapturedModel:
                     f"this graph takes positional inputs only, got keywords {sorted(kwargs)}"
                 )
             return list(args)
+        return self.flatten(*self.bind_named(args, kwargs))
+
+    def bind_named(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        """Check a call's arguments; return the positional inputs and the named ones."""
         n_pos = self.positional_count
         names = self.keyword_names
         pos = list(args[:n_pos])
@@ -126,13 +140,34 @@ class CapturedModel:
             raise TypeError(f"missing inputs {missing} (captured with {names})")
         for name in names:
             self._check_tensor(name, given[name])
-        flat, spec = pytree.tree_flatten((tuple(pos), {n: given[n] for n in names}))
+        named = {n: given[n] for n in names}
+        if self.validate is not None:
+            self.validate(named)
+        return tuple(pos), named
+
+    def flatten(self, pos: tuple, named: dict[str, Any]) -> list[Any]:
+        """The flat graph inputs for checked arguments (see :meth:`bind_named`)."""
+        flat, spec = pytree.tree_flatten((tuple(pos), {n: named[n] for n in self.keyword_names}))
         if spec != self.in_spec:
             raise TypeError(
                 f"inputs do not match the captured structure:\n  captured {self.in_spec}\n  "
                 f"got      {spec}"
             )
         return flat
+
+    def causal_inputs(self, pos: tuple, named: dict[str, Any]) -> list[Any] | None:
+        """Flat inputs of the :attr:`causal` graph for these arguments, or None when it does
+        not compute the same function for them (a padded ``attention_mask``)."""
+        causal = self.causal
+        if causal is None:
+            return None
+        mask, ids = named.get("attention_mask"), named.get("input_ids")
+        if not (isinstance(mask, torch.Tensor) and isinstance(ids, torch.Tensor)):
+            return None
+        if mask.shape != ids.shape or ids.shape[-1] < 1 or not bool(mask.all()):
+            return None
+        rest = {k: v for k, v in named.items() if k != "attention_mask"}
+        return causal.flatten(pos, rest)
 
     def _check_tensor(self, name: str, value: Any) -> None:
         example = self.examples.get(name)
@@ -249,7 +284,109 @@ def capture(model: Any, example_inputs: Any = None) -> CapturedModel:
         captured.loss_function = getattr(model, "loss_function", None)
         captured.task_type = "CAUSAL_LM"
         captured.name_or_path = getattr(model, "name_or_path", None) or None
+        if example_inputs is None:
+            captured.causal = capture_causal(model, kwargs, dynamic_spec)
     return captured
+
+
+@contextlib.contextmanager
+def _causal_attention_without_mask() -> Iterator[bool]:
+    """Let Hugging Face skip the causal mask tensor while exporting, as it does eagerly.
+
+    Eagerly, HF passes SDPA ``is_causal=True`` and no mask when no token is padded; under
+    torch.export it cannot look at the mask's values, so it always materialises the
+    [batch, 1, seq, seq] mask, which SDPA then reads in every layer (about 20% of a forward
+    at seq 2048). With no ``attention_mask`` input and no ``position_ids`` input, the mask
+    is known to be causal without looking at values, which is what these two replacements
+    tell HF. Yields False (and changes nothing) if this transformers lacks the hooks.
+    """
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        yield False
+        return
+    hooks = ("_ignore_causal_mask_sdpa", "find_packed_sequence_indices")
+    if not all(callable(getattr(masking_utils, h, None)) for h in hooks):
+        yield False
+        return
+
+    def ignore_causal_mask(
+        padding_mask: Any,
+        q_length: Any,
+        kv_length: Any,
+        q_offset: Any,
+        kv_offset: Any,
+        local_attention_size: Any = None,
+    ) -> bool:
+        # Only full causal attention over the input itself: a sliding window or a cache
+        # offset needs the mask.
+        return (
+            padding_mask is None
+            and local_attention_size is None
+            and isinstance(q_offset, int)
+            and q_offset == 0
+            and kv_offset == 0
+            and q_length is kv_length
+        )
+
+    def no_packed_sequences(position_ids: Any) -> None:
+        # Positions come from arange (position_ids is not a captured input): one sequence
+        # per row.
+        return None
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(
+            mock.patch.object(masking_utils, "_ignore_causal_mask_sdpa", ignore_causal_mask)
+        )
+        stack.enter_context(
+            mock.patch.object(masking_utils, "find_packed_sequence_indices", no_packed_sequences)
+        )
+        yield True
+
+
+def _only_causal_sdpa(gm: torch.fx.GraphModule) -> str | None:
+    """Why ``gm`` is not a graph whose attention is all mask-free causal SDPA, or None."""
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
+    if not calls:
+        return "it has no scaled_dot_product_attention call"
+    for node in calls:
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        is_causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
+        if mask is not None or is_causal is not True:
+            return f"{node.name} has attn_mask={mask} is_causal={is_causal}"
+    softmax = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SOFTMAX_TARGETS]
+    if softmax:
+        return f"it also computes softmax outside SDPA ({softmax[0].name})"
+    return None
+
+
+def capture_causal(
+    model: torch.nn.Module, kwargs: dict[str, Any], dynamic: dict[str, Any]
+) -> CapturedModel | None:
+    """Capture a Hugging Face causal LM without ``attention_mask``, its attention as SDPA
+    with ``is_causal=True`` and no mask tensor, or return None where that is not what the
+    model computes (sliding windows, eager attention, an unknown transformers).
+
+    The result is kept only when the graph shows it: every attention node is SDPA with no
+    mask and ``is_causal=True``, so for unpadded input it equals the masked capture.
+    """
+    kwargs = {k: v for k, v in kwargs.items() if k != "attention_mask"}
+    dynamic = {k: v for k, v in dynamic.items() if k != "attention_mask"}
+    with _causal_attention_without_mask() as available:
+        if not available:
+            logger.info("no mask-free causal capture: transformers lacks the masking hooks")
+            return None
+        try:
+            ep = _export(model, (), kwargs, dynamic)
+        except CaptureError as exc:
+            logger.info("no mask-free causal capture: %s", exc)
+            return None
+    causal = _from_graph_module(ep.module(), type(model).__name__)
+    why_not = _only_causal_sdpa(causal.graph_module)
+    if why_not is not None:
+        logger.info("no mask-free causal capture of %s: %s", type(model).__name__, why_not)
+        return None
+    return causal
 
 
 def _positional_names(model: torch.nn.Module, n: int) -> list[str]:

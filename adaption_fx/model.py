@@ -15,12 +15,13 @@ import torch.fx
 from adaption_fx import checkpoint as ckpt
 from adaption_fx.capture import CapturedModel
 from adaption_fx.config import AdaptionConfig
+from adaption_fx.passes.errors import AttentionNotFoundError, UnsupportedGraphError
 from adaption_fx.passes.insert import (
     AdaptionGraph,
     adapter_tensor_shapes,
     insert_adaption_prompt,
 )
-from adaption_fx.passes.locate import select_top_sites
+from adaption_fx.passes.locate import locate_attention, select_top_sites
 from adaption_fx.passes.site import AttentionSite
 
 logger = logging.getLogger(__name__)
@@ -88,6 +89,31 @@ def _check_adapter_name(name: object) -> None:
         )
 
 
+class _Graphs(NamedTuple):
+    """One adapter structure's rewritten graphs: of the masked capture, and of the
+    mask-free causal capture where the model has one."""
+
+    masked: AdaptionGraph
+    causal: AdaptionGraph | None
+
+
+def _matching_sites(
+    captured: CapturedModel | None, sites: list[AttentionSite]
+) -> list[AttentionSite] | None:
+    """The causal capture's attention sites, if they are the masked capture's one for one."""
+    if captured is None:
+        return None
+    try:
+        found = locate_attention(captured.graph_module)
+    except (UnsupportedGraphError, AttentionNotFoundError) as exc:
+        logger.info("not using the mask-free causal capture: %s", exc)
+        return None
+    if [s.module_path for s in found] != [s.module_path for s in sites]:
+        logger.info("not using the mask-free causal capture: its attention sites differ")
+        return None
+    return found
+
+
 class IncompatibleKeys(NamedTuple):
     missing_keys: list[str]
     unexpected_keys: list[str]
@@ -114,6 +140,14 @@ class AdaptedModel(torch.nn.Module):
         self._graphs: dict[StructureKey, AdaptionGraph] = {}
         self._active: str | None = None
         self._enabled = True
+        # The mask-free causal capture (see CapturedModel.causal) and its rewritten graphs,
+        # built alongside the masked ones so that both always hold the same adapters.
+        self._causal_sites = _matching_sites(captured.causal, self._sites)
+        self._causal_graphs: dict[StructureKey, AdaptionGraph] = {}
+        # The source module (for capturing the decode step on first use) and that capture's
+        # own AdaptedModel. Plain attributes: neither is a submodule of this one.
+        object.__setattr__(self, "_source", None)
+        object.__setattr__(self, "_decoder", None)
 
     # ----------------------------------------------------------------- inspection
     @property
@@ -178,7 +212,7 @@ class AdaptedModel(torch.nn.Module):
 
     def _prepare(
         self, config: AdaptionConfig, generator: torch.Generator | None = None
-    ) -> tuple[AdaptionConfig, StructureKey, AdaptionGraph, AdapterWeights]:
+    ) -> tuple[AdaptionConfig, StructureKey, _Graphs, AdapterWeights]:
         """Everything an adapter needs, built without touching the model's state."""
         if not isinstance(config, AdaptionConfig):
             raise TypeError(f"config must be an AdaptionConfig, got {type(config).__name__}")
@@ -188,29 +222,37 @@ class AdaptedModel(torch.nn.Module):
         if graph is None:
             graph = insert_adaption_prompt(self.base_graph_module, selected, config)
             logger.info("built rewritten graph for %s (%d sites)", key, len(selected))
+        causal = self._causal_graphs.get(key)
+        if causal is None and self._causal_sites is not None:
+            causal_selected = select_top_sites(self._causal_sites, config.adapter_layers)
+            causal = insert_adaption_prompt(
+                self._captured.causal.graph_module, causal_selected, config
+            )
         weight = self.base_graph_module.get_parameter(selected[0].key_projection.weight)
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         weights = AdapterWeights(
             adapter_tensor_shapes(selected, config), dtype, weight.device, generator
         )
-        return config, key, graph, weights
+        return config, key, _Graphs(graph, causal), weights
 
     def _commit(
         self,
         name: str,
         config: AdaptionConfig,
         key: StructureKey,
-        graph: AdaptionGraph,
+        graphs: _Graphs,
         weights: AdapterWeights,
     ) -> None:
         """Install a prepared adapter under ``name``, replacing one of that name if any."""
         old_key = self._adapter_structure.get(name)
-        self._graphs[key] = graph
+        self._graphs[key] = graphs.masked
+        if graphs.causal is not None:
+            self._causal_graphs[key] = graphs.causal
         self.adapter_weights[name] = weights
         self._configs[name] = config
         self._adapter_structure[name] = key
         if old_key is not None and old_key not in self._adapter_structure.values():
-            del self._graphs[old_key]
+            self._drop_graphs(old_key)
         if self._active is None:
             self._active = name
 
@@ -225,7 +267,7 @@ class AdaptedModel(torch.nn.Module):
         del self._configs[name]
         del self.adapter_weights[name]
         if key not in self._adapter_structure.values():
-            del self._graphs[key]
+            self._drop_graphs(key)
         if self._active == name:
             self._active = next(iter(self._configs), None)
 
@@ -246,6 +288,25 @@ class AdaptedModel(torch.nn.Module):
             yield
         finally:
             self._enabled = was_enabled
+
+    def _attach(self, name: str, config: AdaptionConfig, weights: AdapterWeights) -> None:
+        """Add an adapter whose tensors live in another model (the decode step's twin)."""
+        selected = select_top_sites(self._sites, config.adapter_layers)
+        key = structure_key(config, selected)
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = insert_adaption_prompt(self.base_graph_module, selected, config)
+        keys = set(dict(weights.named_parameters()))
+        if set(graph.adapter_inputs) != keys:
+            raise RuntimeError(
+                f"adapter {name!r}: the decode-step graph needs tensors "
+                f"{sorted(graph.adapter_inputs)[:4]}..., the adapter has {sorted(keys)[:4]}..."
+            )
+        self._commit(name, config, key, _Graphs(graph, None), weights)
+
+    def _drop_graphs(self, key: StructureKey) -> None:
+        del self._graphs[key]
+        self._causal_graphs.pop(key, None)
 
     def _resolve(self, adapter_name: str | None) -> str:
         name = self._active if adapter_name is None else adapter_name
@@ -278,15 +339,26 @@ class AdaptedModel(torch.nn.Module):
         Binding, adapter selection and output structure stay here; the runner decides how
         a graph executes (eagerly, or compiled: see ``adaption_fx.export.compile``).
         """
-        self._captured.check_placement()
-        labels = kwargs.pop("labels", None) if self._captured.loss_function else None
-        flat = self._captured.bind(args, kwargs)
+        captured = self._captured
+        captured.check_placement()
+        labels = kwargs.pop("labels", None) if captured.loss_function else None
+        if captured.in_spec is None:
+            flat, causal_flat = captured.bind(args, kwargs), None
+        else:
+            pos, named = captured.bind_named(args, kwargs)
+            causal_flat = captured.causal_inputs(pos, named)
+            flat = causal_flat if causal_flat is not None else captured.flatten(pos, named)
         graph = self._active_graph()
         if graph is None:
-            outputs = runner(self.base_graph_module)(*flat)
+            base = captured.causal.graph_module if causal_flat is not None else None
+            outputs = runner(base or self.base_graph_module)(*flat)
         else:
-            outputs = runner(graph.graph_module)(*flat, *self.adapter_tensors(self._active))
-        result = self._captured.unflatten(outputs)
+            if causal_flat is not None:
+                key = self._adapter_structure[self._active]
+                graph = self._causal_graphs[key]
+            tensors = self.adapter_weights[self._active].tensors(graph.adapter_inputs)
+            outputs = runner(graph.graph_module)(*flat, *tensors)
+        result = captured.unflatten(outputs)
         if labels is not None:
             logits = result.logits
             result.loss = self._captured.loss_function(
@@ -303,6 +375,110 @@ class AdaptedModel(torch.nn.Module):
         """An adapter's tensors in its graph's adapter-input order."""
         name = self._resolve(adapter_name)
         return self.adapter_weights[name].tensors(self.adaption_graph(name).adapter_inputs)
+
+    # ----------------------------------------------------------------- generation
+    def decoder(self, max_length: int | None = None) -> AdaptedModel:
+        """The decode-step twin of this model, in sync with its adapters.
+
+        On first use the source model's decode step is captured (see
+        :mod:`adaption_fx.decode`) and the adaption pass applied to it. The twin shares
+        this model's base weights and adapter tensors (the same objects) and follows its
+        active adapter and enable/disable state. Its inputs are ``input_ids``,
+        ``attention_mask``, ``position_ids`` and ``past_<i>_key``/``past_<i>_value``; its
+        output a dict of ``logits`` (last token) and ``present_<i>_key``/``_value``.
+
+        Args:
+            max_length: the longest prompt + generated length to allow (default: the
+                model's ``max_position_embeddings``, else 2048). A different value than the
+                current twin's recaptures.
+        """
+        from adaption_fx.decode import capture_decode
+
+        decoder = self._decoder
+        if decoder is None or (max_length is not None and max_length != decoder.max_length):
+            source = self._source
+            if source is None:
+                raise TypeError(
+                    "generation needs the source nn.Module (a Hugging Face causal LM passed "
+                    f"to rewrite()); this model was built from a {self._captured.source_name}"
+                )
+            if max_length is None:
+                config = getattr(source, "config", None)
+                max_length = getattr(config, "max_position_embeddings", None) or 2048
+            self._captured.check_placement()
+            decode = capture_decode(source, max_length)
+            sites = locate_attention(decode.captured.graph_module)
+            if [s.module_path for s in sites] != [s.module_path for s in self._sites]:
+                raise RuntimeError(
+                    "the decode-step capture has attention at "
+                    f"{[s.module_path for s in sites]}, the model at "
+                    f"{[s.module_path for s in self._sites]}"
+                )
+            decoder = AdaptedModel(decode.captured, sites)
+            decoder.max_length = decode.max_length
+            decoder.cache_layout = decode.layout
+            object.__setattr__(self, "_decoder", decoder)
+        self._sync(decoder)
+        return decoder
+
+    def _sync(self, decoder: AdaptedModel) -> None:
+        for name in list(decoder._configs):
+            if (
+                name not in self._configs
+                or decoder._configs[name] != self._configs[name]
+                or decoder.adapter_weights[name] is not self.adapter_weights[name]
+            ):
+                decoder.delete_adapter(name)
+        for name, config in self._configs.items():
+            if name not in decoder._configs:
+                decoder._attach(name, config, self.adapter_weights[name])
+        decoder._active = self._active
+        decoder._enabled = self._enabled
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Generate tokens with the active adapter (or the base model while disabled).
+
+        Prompts in a batch are left-padded (``attention_mask`` 0 on the left). Returns the
+        prompts followed by the new tokens, (batch, prompt_len + steps); a row that
+        produced ``eos_token_id`` is filled with ``pad_token_id`` (default: the first eos
+        id, else 0) afterwards, and generation stops when every row has. ``do_sample``
+        samples from the softmax of ``logits / temperature`` restricted to the ``top_k``
+        most likely tokens and to the smallest set whose probability reaches ``top_p``;
+        ``seed`` makes it reproducible. ``use_cache=False`` recomputes the whole sequence
+        each step (for checking the cache). Runs under ``torch.no_grad()``.
+        """
+        from adaption_fx.generate import TorchSession, generate
+
+        decoder = self.decoder()
+        return generate(
+            TorchSession(decoder),
+            input_ids,
+            attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            seed=seed,
+            use_cache=use_cache,
+            max_length=decoder.max_length,
+        )
 
     @property
     def captured(self) -> CapturedModel:

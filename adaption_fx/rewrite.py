@@ -67,6 +67,8 @@ def rewrite(
     sites = locate_attention(captured.graph_module)
     logger.info("found %d attention sites: %s", len(sites), [s.module_path for s in sites])
     adapted = AdaptedModel(captured, sites)
+    if captured.task_type == "CAUSAL_LM" and isinstance(model, torch.nn.Module):
+        object.__setattr__(adapted, "_source", model)  # for generate(); not a submodule
     if isinstance(config, AdaptionConfig):
         adapted.add_adapter(adapter_name, config, generator=generator)
     else:

@@ -133,9 +133,22 @@ def _model_inputs(model: AdaptedModel, example_inputs: dict[str, torch.Tensor] |
     return layout, names, examples
 
 
-def _dynamic_shapes(names: list[str], examples: list[torch.Tensor], hf: bool) -> list[Any]:
+def _dynamic_shapes(
+    names: list[str], examples: list[torch.Tensor], hf: bool, decode: bool = False
+) -> list[Any]:
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
     specs: list[Any] = []
+    if decode:
+        # The mask spans past + new: its length is left for export to relate to the others.
+        past = torch.export.Dim("past")
+        for name in names:
+            if name in ("input_ids", "position_ids"):
+                specs.append({0: batch, 1: seq})
+            elif name == "attention_mask":
+                specs.append({0: batch, 1: torch.export.Dim.AUTO})
+            else:
+                specs.append({0: batch, 2: past})
+        return specs
     for name, example in zip(names, examples, strict=True):
         if hf and name in ("input_ids", "attention_mask"):
             specs.append({0: batch, 1: seq})
@@ -210,6 +223,7 @@ def to_onnx(
     adapter_name: str | None = None,
     external_data: bool | None = None,
     example_inputs: dict[str, torch.Tensor] | None = None,
+    for_generation: bool = False,
 ) -> Path:
     """Export the graph ``model`` runs now to an ONNX file.
 
@@ -229,6 +243,12 @@ def to_onnx(
             would exceed protobuf's 2 GB limit.
         example_inputs: concrete inputs for the export trace (built from the capture's
             metadata when omitted).
+        for_generation: export the decode step instead (``model.decoder()``): inputs
+            ``input_ids``, ``attention_mask`` (past + new), ``position_ids`` and
+            ``past_<i>_key``/``past_<i>_value``; outputs ``logits`` (last token) and
+            ``present_<i>_key``/``present_<i>_value``. Batch, new length and past length
+            are dynamic, so the file serves prefill (past length 0) and every step; run it
+            with ``OrtModel.generate``.
 
     Returns:
         The path written. The file is checked with ``onnx.checker``; batch and sequence
@@ -241,7 +261,11 @@ def to_onnx(
     path = Path(path)
     if path.suffix != ".onnx":
         raise ValueError(f"path must end in .onnx, got {str(path)!r}")
+    if not isinstance(for_generation, bool):
+        raise TypeError(f"for_generation must be a bool, got {for_generation!r}")
     model.captured.check_placement()
+    if for_generation:
+        model = model.decoder()
     plan = _plan(model, adapter_name, adapter_as_inputs, fold)
     layout, names, examples = _model_inputs(model, example_inputs)
     wrapper = _FlatCall(plan.graph_module, layout, plan.baked)
@@ -253,7 +277,8 @@ def to_onnx(
         n_out = len(wrapper(*examples, *adapter_examples))
     output_names = _output_names(model, n_out)
     hf = model.captured.fill_attention_mask
-    dynamic = _dynamic_shapes(names, examples, hf) + [None] * len(adapter_examples)
+    dynamic = _dynamic_shapes(names, examples, hf, decode=for_generation)
+    dynamic += [None] * len(adapter_examples)
     logger.info("exporting %s to %s", plan.adapter["name"] if plan.adapter else "base", path)
     program = _export(
         wrapper,
@@ -288,6 +313,15 @@ def to_onnx(
         "raw_adapter_inputs": plan.raw_inputs,
         "projection": projection_name,
     }
+    if for_generation:
+        cache = model.cache_layout
+        metadata["generation"] = {
+            "max_length": model.max_length,
+            "past_inputs": [n for n in names if n.startswith("past_")],
+            "present_outputs": [n for n in output_names if n.startswith("present_")],
+            "cache_shapes": [list(shape) for pair in cache.shapes for shape in pair],
+            "cache_dtype": str(cache.dtype).removeprefix("torch."),
+        }
     program.model.metadata_props[METADATA_KEY] = json.dumps(metadata)
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -148,6 +148,67 @@ class OrtModel:
                 )
         return np.ascontiguousarray(value)
 
+    # ----------------------------------------------------------------- generation
+    def decode_session(self) -> OrtDecodeSession:
+        """A decode session over this file (exported with ``for_generation=True``)."""
+        if "generation" not in self.metadata:
+            raise ValueError(
+                f"{self.path.name} was not exported for generation; export it with "
+                "to_onnx(model, path, for_generation=True)"
+            )
+        if self.adapter_input_names and self._adapter_feed is None:
+            raise RuntimeError(
+                f"{self.path.name} takes the adapter as inputs: call "
+                "set_adapter_weights(directory or AdaptedModel) first"
+            )
+        return OrtDecodeSession(self)
+
+    def generate(
+        self,
+        input_ids: Any,
+        attention_mask: Any = None,
+        *,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        seed: int | None = None,
+        use_cache: bool = True,
+    ) -> Any:
+        """Generate tokens in ONNX Runtime; the arguments are ``AdaptedModel.generate``'s.
+
+        The key/value cache stays in ONNX Runtime values between steps (IO binding): each
+        step's present outputs are bound as the next step's past inputs, never copied
+        through numpy. Returns a torch LongTensor (batch, prompt_len + steps).
+        """
+        import torch
+
+        from adaption_fx.generate import generate
+
+        if isinstance(input_ids, np.ndarray):
+            input_ids = torch.from_numpy(input_ids)
+        if isinstance(attention_mask, np.ndarray):
+            attention_mask = torch.from_numpy(attention_mask)
+        session = self.decode_session()
+        return generate(
+            session,
+            input_ids,
+            attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            seed=seed,
+            use_cache=use_cache,
+            max_length=session.max_length,
+        )
+
     # ----------------------------------------------------------------- adapters
     def set_adapter_weights(self, source: Any) -> None:
         """Feed an adapter to a file exported with ``adapter_as_inputs=True``.
@@ -251,3 +312,75 @@ class OrtModel:
             feed[inp.name] = value.astype(dtype, copy=False)
         names = [o.name for o in self._projection.get_outputs()]
         return dict(zip(names, self._projection.run(names, feed), strict=True))
+
+
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
+
+
+class OrtDecodeSession:
+    """Runs decode steps of a generation export in ONNX Runtime, holding the cache.
+
+    The cache lives in ``OrtValue``s on the session's device: the present outputs of one
+    step are bound, as they are, to the past inputs of the next (IO binding), so a step
+    copies only the new tokens in and the last token's logits out.
+    """
+
+    def __init__(self, model: OrtModel):
+        import onnxruntime as ort
+
+        self.model = model
+        info = model.metadata["generation"]
+        self.max_length: int = info["max_length"]
+        self.past_names: list[str] = info["past_inputs"]
+        self.present_names: list[str] = info["present_outputs"]
+        self.cache_shapes: list[list[int]] = info["cache_shapes"]
+        dtype = _NUMPY_DTYPES.get(info["cache_dtype"])
+        if dtype is None:
+            raise ValueError(
+                f"{model.path.name}: cache dtype {info['cache_dtype']} has no numpy "
+                "equivalent for ONNX Runtime"
+            )
+        self.cache_dtype = dtype
+        self.device = "cuda" if model.providers[0] == "CUDAExecutionProvider" else "cpu"
+        self.binding = model.session.io_binding()
+        self._ort = ort
+        self._adapter = {
+            name: ort.OrtValue.ortvalue_from_numpy(value, self.device)
+            for name, value in (model._adapter_feed or {}).items()
+        }
+        self.past: list[Any] = []
+
+    def _value(self, array: np.ndarray) -> Any:
+        return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device)
+
+    def reset(self, batch: int) -> None:
+        self.past = [
+            self._value(np.zeros((batch, heads, 0, dim), dtype=self.cache_dtype))
+            for heads, dim in self.cache_shapes
+        ]
+
+    def step(self, input_ids: Any, attention_mask: Any, position_ids: Any) -> Any:
+        import torch
+
+        binding = self.binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        for name, tensor in (
+            ("input_ids", input_ids),
+            ("attention_mask", attention_mask),
+            ("position_ids", position_ids),
+        ):
+            binding.bind_ortvalue_input(name, self._value(tensor.cpu().numpy().astype(np.int64)))
+        for name, value in zip(self.past_names, self.past, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        for name, value in self._adapter.items():
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", self.device)
+        for name in self.present_names:
+            binding.bind_output(name, self.device)
+        self.model.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        by_name = dict(zip(["logits", *self.present_names], outputs, strict=True))
+        self.past = [by_name[n] for n in self.present_names]
+        logits = by_name["logits"].numpy()
+        return torch.from_numpy(logits[:, -1, :].copy())

@@ -123,10 +123,14 @@ class _Replay:
         self.adapter_len = adapter_len
         self.env: dict[torch.fx.Node, torch.fx.Node] = {}
         self.symbols: dict | None = None
+        # Sizes of a bypassed region's exit that its entry does not have: a key/value cache
+        # concatenated inside the region makes the exit (past + seq) long, the prompt's
+        # replay is adapter_len long.
+        self.region_sizes: dict = {}
 
     def _size(self, node: torch.fx.Node) -> int:
         # A shape argument computed from the batch/sequence sizes, evaluated for the prompt.
-        expr = node.meta["val"].node.expr.subs(self.symbols)
+        expr = node.meta["val"].node.expr.subs(self.region_sizes).subs(self.symbols)
         if not expr.is_Integer:
             raise ValueError(f"shape argument {node.name!r} = {expr} depends on other sizes")
         return int(expr)
@@ -138,12 +142,26 @@ class _Replay:
             return self._size(arg)
         return arg  # a weight, a constant or something computed from weights only
 
+    def _region_sizes(self, entry: torch.fx.Node, exit_: torch.fx.Node) -> None:
+        before, after = entry.meta.get("val"), exit_.meta.get("val")
+        if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)):
+            return
+        if before.dim() != after.dim():
+            return
+        for a, b in zip(before.shape, after.shape, strict=True):
+            if isinstance(b, torch.SymInt) and not isinstance(a, int):
+                a_expr, b_expr = a.node.expr, b.node.expr
+                if a_expr != b_expr:
+                    self.region_sizes[b_expr] = a_expr
+
     def run(self, path: TensorPath, role: str) -> tuple[torch.fx.Node, torch.fx.Node]:
         source = self.nodes[path.source]
         if self.symbols is None:
             self.symbols = _symbol_map(source, self.adapter_len)
         self.env.setdefault(source, self.prompt)
         aliases = {self.nodes[entry]: self.nodes[exit_] for exit_, entry in path.aliases}
+        for entry, exit_ in aliases.items():
+            self._region_sizes(entry, exit_)
         for entry, exit_ in aliases.items():
             if entry in self.env:
                 self.env[exit_] = self.env[entry]
@@ -205,20 +223,34 @@ def _insert_site(
     # rather than on the (batch, heads, seq, adapter_len) scores: same result, two fewer
     # passes over activations per layer. With a zero gate, gate * V is exactly zero.
     k = b(aten.mul.Tensor, (k, site.scale), "key_scaled")
-    scores = b(aten.matmul.default, (query, b(aten.transpose.int, (k, -2, -1), "key_t")), "scores")
-    if site.softcap is not None:
+    if config.gate_activation == "tanh":
+        gate = b(aten.tanh.default, (gate,), "gate_tanh")
+    v = b(aten.mul.Tensor, (v, gate), "value_gated")
+    if site.softcap is None:
+        # One fused kernel: the (batch, heads, seq, adapter_len) scores never reach memory.
+        # SDPA wants the batch size on keys and values too; expand() copies nothing.
+        batch = b(aten.sym_size.int, (query, 0), "batch")
+        k = b(aten.expand.default, (k, [batch, -1, -1, -1]), "key_batch")
+        v = b(aten.expand.default, (v, [batch, -1, -1, -1]), "value_batch")
+        out = b(
+            aten.scaled_dot_product_attention.default,
+            (query, k, v),
+            "out",
+            {"scale": 1.0},
+        )
+    else:
+        scores = b(
+            aten.matmul.default, (query, b(aten.transpose.int, (k, -2, -1), "key_t")), "scores"
+        )
         # The layer's own logit soft-capping, as its attention applies it after scaling.
         scores = b(aten.div.Tensor, (scores, site.softcap), "capped")
         scores = b(aten.tanh.default, (scores,), "capped_tanh")
         scores = b(aten.mul.Tensor, (scores, site.softcap), "capped_scaled")
-    probs = b(aten.softmax.int, (scores, -1, torch.float32), "probs")
-    query_dtype = query.meta["val"].dtype
-    if query_dtype != torch.float32:
-        probs = b(aten._to_copy.default, (probs,), "probs_cast", {"dtype": query_dtype})
-    if config.gate_activation == "tanh":
-        gate = b(aten.tanh.default, (gate,), "gate_tanh")
-    v = b(aten.mul.Tensor, (v, gate), "value_gated")
-    out = b(aten.matmul.default, (probs, v), "out")
+        probs = b(aten.softmax.int, (scores, -1, torch.float32), "probs")
+        query_dtype = query.meta["val"].dtype
+        if query_dtype != torch.float32:
+            probs = b(aten._to_copy.default, (probs,), "probs_cast", {"dtype": query_dtype})
+        out = b(aten.matmul.default, (probs, v), "out")
     total = b(aten.add.Tensor, (attn, out), "sum")
     attn.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
 

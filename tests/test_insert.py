@@ -45,7 +45,9 @@ def test_no_second_query_or_output_projection(base):
     sdpa = [
         n for n in rewritten.graph.nodes if n.target == aten.scaled_dot_product_attention.default
     ]
-    assert len(sdpa) == len(sites)
+    # The layers' own attention once each, plus one fused adapter attention per adapted site.
+    base_sdpa = [n for n in sdpa if ADAPTION_META_KEY not in n.meta]
+    assert len(base_sdpa) == len(sites) and len(sdpa) - len(base_sdpa) == 2
 
 
 def test_adapter_branch_reads_the_attentions_own_query(base):
@@ -56,8 +58,14 @@ def test_adapter_branch_reads_the_attentions_own_query(base):
     nodes = {n.name: n for n in rewritten.graph_module.graph.nodes}
     site = sites[-1]
     query, attn = nodes[site.query_node], nodes[site.attention_node]
-    scores = [u for u in query.users if ADAPTION_META_KEY in u.meta]
-    assert len(scores) == 1 and scores[0].target == aten.matmul.default
+    readers = [u for u in query.users if ADAPTION_META_KEY in u.meta]
+    # The fused adapter attention reads it as its query (and its batch size from it).
+    scores = [u for u in readers if u.target == aten.scaled_dot_product_attention.default]
+    assert len(scores) == 1 and scores[0].args[0] is query
+    assert {u.target for u in readers} <= {
+        aten.scaled_dot_product_attention.default,
+        aten.sym_size.int,
+    }
     # The attention output now only feeds the adapter's sum, which feeds everything else.
     (total,) = attn.users
     assert total.meta[ADAPTION_META_KEY]["role"] == "sum"

@@ -1,0 +1,284 @@
+"""Capture a Hugging Face causal LM's decode step as one flat ATen graph.
+
+Inputs: ``input_ids`` (the new tokens), ``attention_mask`` (past and new positions),
+``position_ids`` (of the new tokens) and each layer's past keys and values as plain tensors
+``past_<i>_key`` / ``past_<i>_value`` of shape (batch, kv_heads, past_len, head_dim).
+Outputs: ``logits`` of the last new token, (batch, 1, vocab), and ``present_<i>_key`` /
+``present_<i>_value`` (past followed by the new tokens). Batch, new-token length and past
+length are dynamic; a past of length 0 makes the same graph the prefill.
+
+The adaption pass applies to this graph as to the full-sequence capture: the prompt's key
+and value path is replayed from the layer's projections, bypassing position encoding and
+the cache concatenation, so adapter keys and values never enter the present tensors, and
+the adapter branch attends from the new queries only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from adaption_fx.capture import CapturedModel, CaptureError, _device_of, _export, _from_graph_module
+
+logger = logging.getLogger(__name__)
+
+
+def past_names(layer: int) -> tuple[str, str]:
+    return f"past_{layer}_key", f"past_{layer}_value"
+
+
+def present_names(layer: int) -> tuple[str, str]:
+    return f"present_{layer}_key", f"present_{layer}_value"
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """What the model's key/value cache holds, read from one eager run of the model.
+
+    Attributes:
+        shapes: per layer, the (key, value) shapes without batch and length:
+            ((kv_heads, head_dim), (kv_heads, value_head_dim)).
+        dtype: the cache dtype.
+    """
+
+    shapes: tuple[tuple[tuple[int, int], tuple[int, int]], ...]
+    dtype: torch.dtype
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.shapes)
+
+    def empty(self, batch: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+        """Zero-length past tensors, in input order (the prefill's past)."""
+        return self.filled(batch, 0, device)
+
+    def filled(
+        self, batch: int, length: int, device: torch.device | str = "cpu", fill: float = 0.0
+    ) -> list[torch.Tensor]:
+        tensors = []
+        for key_shape, value_shape in self.shapes:
+            for heads, dim in (key_shape, value_shape):
+                tensors.append(
+                    torch.full((batch, heads, length, dim), fill, dtype=self.dtype, device=device)
+                )
+        return tensors
+
+
+@dataclass
+class DecodeCapture:
+    """The decode-step graph, how its inputs are laid out, and the longest sequence it takes.
+
+    Attributes:
+        captured: the graph and its binding (keyword inputs, dict output).
+        layout: the cache tensors' shapes and dtype.
+        max_length: the longest past + new length the graph was captured for.
+    """
+
+    captured: CapturedModel
+    layout: CacheLayout
+    max_length: int
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.captured.keyword_names
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self.captured.out_spec.context)
+
+
+def _cache_tensors(cache: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [(layer.keys, layer.values) for layer in layers]
+    if isinstance(cache, (tuple, list)):  # legacy tuple-of-tuples caches
+        return [(k, v) for k, v, *_ in cache]
+    raise CaptureError(
+        f"the model returned a {type(cache).__name__} cache; expected a transformers Cache"
+    )
+
+
+def cache_layout(model: torch.nn.Module) -> CacheLayout:
+    """Run the model once on two tokens and read the cache it returns."""
+    ids = torch.ones(1, 2, dtype=torch.long, device=_device_of(model))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    finally:
+        model.train(was_training)
+    cache = getattr(out, "past_key_values", None)
+    if cache is None:
+        raise CaptureError(f"{type(model).__name__} returned no past_key_values with use_cache")
+    pairs = _cache_tensors(cache)
+    if not pairs or any(k is None or k.dim() != 4 or v.dim() != 4 for k, v in pairs):
+        raise CaptureError(
+            f"{type(model).__name__}'s cache does not hold (batch, heads, length, dim) tensors "
+            "per layer; generation supports plain key/value caches"
+        )
+    shapes = tuple(((k.shape[1], k.shape[3]), (v.shape[1], v.shape[3])) for k, v in pairs)
+    return CacheLayout(shapes=shapes, dtype=pairs[0][0].dtype)
+
+
+@contextlib.contextmanager
+def _decode_forward(model: torch.nn.Module, layout: CacheLayout) -> Iterator[None]:
+    """Make ``model.forward`` the flat decode step for the duration of an export.
+
+    The model is exported as itself (not wrapped) so that its parameters keep their own
+    names, which the adapter tensors' keys are derived from. The instance attribute is
+    removed afterwards, on success or failure.
+    """
+    from transformers import DynamicCache
+
+    hf_forward = type(model).forward
+    n = layout.num_layers
+
+    def forward(input_ids, attention_mask, position_ids, **past):
+        # Tells export that the mask spans past + new, so no guard of its own bounds it.
+        if n:
+            torch._check(
+                attention_mask.shape[1] == past[past_names(0)[0]].shape[2] + input_ids.shape[1]
+            )
+        cache = DynamicCache(
+            ddp_cache_data=[(past[past_names(i)[0]], past[past_names(i)[1]]) for i in range(n)]
+        )
+        out = hf_forward(
+            model,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        result = {"logits": out.logits}
+        for i, (key, value) in enumerate(_cache_tensors(out.past_key_values)):
+            result[present_names(i)[0]] = key
+            result[present_names(i)[1]] = value
+        return result
+
+    P = inspect.Parameter
+    params = [P(name, P.POSITIONAL_OR_KEYWORD) for name in ("input_ids", "attention_mask")]
+    params.append(P("position_ids", P.POSITIONAL_OR_KEYWORD))
+    for i in range(n):
+        params.extend(P(name, P.KEYWORD_ONLY) for name in past_names(i))
+
+    def signature_forward(*args, **kwargs):
+        return forward(*args, **kwargs)
+
+    signature_forward.__signature__ = inspect.Signature(params)
+    had = "forward" in model.__dict__
+    previous = model.__dict__.get("forward")
+    model.forward = signature_forward
+    try:
+        yield
+    finally:
+        if had:
+            model.forward = previous
+        else:
+            del model.forward
+
+
+def capture_decode(model: torch.nn.Module, max_length: int) -> DecodeCapture:
+    """Capture ``model``'s decode step (see the module docstring).
+
+    Args:
+        model: a Hugging Face causal LM whose forward takes ``past_key_values``.
+        max_length: the longest past + new length the graph must take.
+    """
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 4:
+        raise ValueError(f"max_length must be an int >= 4, got {max_length!r}")
+    params = inspect.signature(type(model).forward).parameters
+    needed = ("input_ids", "attention_mask", "position_ids", "past_key_values")
+    missing = [p for p in needed if p not in params]
+    if missing:
+        raise TypeError(
+            f"{type(model).__name__}.forward lacks {missing}; generation needs a Hugging Face "
+            "causal LM with a key/value cache"
+        )
+    layout = cache_layout(model)
+    device = _device_of(model)
+    # Sizes above 1 and all different, so export keeps each dimension symbolic.
+    batch, new, past = 2, 3, 5
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 2, (batch, new), generator=g).to(device)
+    kwargs: dict[str, torch.Tensor] = {
+        "input_ids": ids,
+        "attention_mask": torch.ones(batch, past + new, dtype=torch.long, device=device),
+        "position_ids": (torch.arange(new) + past).repeat(batch, 1).to(device),
+    }
+    b = torch.export.Dim("batch", max=1 << 16)
+    s = torch.export.Dim("seq", max=max_length)
+    p = torch.export.Dim("past", min=0, max=max_length - 1)
+    dynamic: dict[str, object] = {
+        "input_ids": {0: b, 1: s},
+        "attention_mask": {0: b, 1: torch.export.Dim.AUTO},
+        "position_ids": {0: b, 1: s},
+    }
+    example = layout.filled(batch, past, device, fill=0.01)
+    names = [name for i in range(layout.num_layers) for name in past_names(i)]
+    for name, tensor in zip(names, example, strict=True):
+        kwargs[name] = tensor
+        dynamic[name] = {0: b, 2: p}
+    logger.info("capturing the decode step of %s", type(model).__name__)
+    with _decode_forward(model, layout):
+        ep = _export(model, (), kwargs, dynamic)
+    graph_module = ep.module()
+    _drop_export_guards(graph_module)
+    captured = _from_graph_module(graph_module, type(model).__name__)
+    captured.fill_attention_mask = False
+    captured.validate = _checker(layout)
+    return DecodeCapture(captured=captured, layout=layout, max_length=max_length)
+
+
+def _drop_export_guards(graph_module: torch.fx.GraphModule) -> None:
+    """Remove the input-shape guards torch.export put in front of the graph.
+
+    Export traces as if every dynamic size were at least 2, so its guards demand a mask of
+    length >= 4 (past >= 2 plus new >= 2), which would refuse a 1-token prompt and a
+    1-token step on a 1-token past. The traced ops are valid for sizes 0 and 1 (the tests
+    check past lengths 0, 1, 2 and new lengths 1 and 3 against the model's own cached
+    forward); what the guards checked about the inputs is checked by :func:`_checker`.
+    """
+    graph = graph_module.graph
+    for node in [n for n in graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]:
+        graph.erase_node(node)
+    if hasattr(graph_module, "_guards_fn"):
+        delattr(graph_module, "_guards_fn")
+    graph_module.recompile()
+
+
+def _checker(layout: CacheLayout):
+    names = [name for i in range(layout.num_layers) for name in past_names(i)]
+    shapes = [shape for pair in layout.shapes for shape in pair]
+
+    def validate(named: dict) -> None:
+        ids, mask, positions = named["input_ids"], named["attention_mask"], named["position_ids"]
+        batch, new = ids.shape
+        past = named[names[0]].shape[2] if names else 0
+        if tuple(positions.shape) != (batch, new):
+            raise ValueError(
+                f"position_ids has shape {tuple(positions.shape)}; expected {(batch, new)}"
+            )
+        if tuple(mask.shape) != (batch, past + new):
+            raise ValueError(
+                f"attention_mask has shape {tuple(mask.shape)}; expected (batch, past + new) "
+                f"= {(batch, past + new)}"
+            )
+        for name, (heads, dim) in zip(names, shapes, strict=True):
+            tensor = named[name]
+            if tuple(tensor.shape) != (batch, heads, past, dim):
+                raise ValueError(
+                    f"{name} has shape {tuple(tensor.shape)}; expected "
+                    f"{(batch, heads, past, dim)} (batch, kv heads, past length, head dim)"
+                )
+            if tensor.dtype != layout.dtype:
+                raise TypeError(f"{name} has dtype {tensor.dtype}; expected {layout.dtype}")
+
+    return validate

@@ -1,0 +1,254 @@
+"""Token generation over a decode-step graph: one loop for PyTorch and ONNX Runtime.
+
+A *session* runs the decode step and keeps the key/value cache between calls (PyTorch
+tensors here, ONNX Runtime values in ``adaption_fx.export.ort``); this module owns what is
+common: argument checks, position ids for left-padded batches, greedy and sampled token
+choice, and per-row stopping at eos.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from adaption_fx.model import AdaptedModel
+
+logger = logging.getLogger(__name__)
+
+
+class DecodeSession(Protocol):
+    """Runs decode steps, holding the cache between them."""
+
+    def reset(self, batch: int) -> None:
+        """Forget the cache: the next step is a prefill (past length 0)."""
+
+    def step(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Run new tokens (batch, n) against the cache; return the last token's logits
+        (batch, vocab) and extend the cache with the new tokens' keys and values."""
+
+
+class TorchSession:
+    """A decode session on an AdaptedModel's decode-step twin (``AdaptedModel.decoder()``)."""
+
+    def __init__(self, decoder: AdaptedModel):
+        self.decoder = decoder
+        self.layout = decoder.cache_layout
+        self.input_names = [n for n in decoder.captured.keyword_names if n.startswith("past_")]
+        self.past: list[torch.Tensor] = []
+        self.device = decoder.base_graph_module.get_parameter(
+            decoder.sites[0].key_projection.weight
+        ).device
+
+    def reset(self, batch: int) -> None:
+        self.past = self.layout.empty(batch, self.device)
+
+    def step(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        feed = dict(zip(self.input_names, self.past, strict=True))
+        out = self.decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            **feed,
+        )
+        self.past = [out[name.replace("past_", "present_", 1)] for name in self.input_names]
+        return out["logits"][:, -1, :]
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _token_ids(name: str, value: Any) -> list[int]:
+    if value is None:
+        return []
+    items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
+        raise TypeError(f"{name} must be an int, a list of ints or None, got {value!r}")
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int) or item < 0:
+            raise ValueError(f"{name} must hold non-negative ints, got {value!r}")
+    return list(items)
+
+
+def check_prompt(
+    input_ids: Any, attention_mask: Any, max_new_tokens: int, max_length: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate a batch of left-padded prompts; return (input_ids, attention_mask) as long."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+    batch, seq = input_ids.shape
+    if batch == 0 or seq == 0:
+        raise ValueError(f"the prompt is empty: input_ids has shape {tuple(input_ids.shape)}")
+    if bool((input_ids < 0).any()):
+        raise ValueError("input_ids holds negative token ids")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    elif not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(
+            f"attention_mask must be a torch.Tensor or None, got {type(attention_mask).__name__}"
+        )
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
+            f"{tuple(input_ids.shape)}; they must match"
+        )
+    mask = attention_mask.to(torch.long)
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 and 1")
+    if bool((mask.sum(-1) == 0).any()):
+        rows = torch.nonzero(mask.sum(-1) == 0).flatten().tolist()
+        raise ValueError(f"rows {rows} of attention_mask are all padding: nothing to continue")
+    # Left padding only: once a row's tokens start, none is masked.
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError(
+            "attention_mask has padding after a token (right padding); pad prompts on the "
+            "left for generation"
+        )
+    if max_length is not None and seq + max_new_tokens > max_length:
+        raise ValueError(
+            f"prompt length {seq} + max_new_tokens {max_new_tokens} exceeds the maximum "
+            f"length {max_length} the decode step was captured for"
+        )
+    return input_ids.to(torch.long), mask
+
+
+def _filter_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    top_k = min(top_k, logits.shape[-1])
+    threshold = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < threshold, -math.inf)
+
+
+def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    # As Hugging Face's TopPLogitsWarper: drop the least likely tokens whose cumulative
+    # probability stays within 1 - top_p, always keeping the most likely one.
+    sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - top_p)
+    remove[..., -1] = False
+    return logits.masked_fill(remove.scatter(-1, order, remove), -math.inf)
+
+
+def choose_tokens(
+    logits: torch.Tensor,
+    *,
+    do_sample: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """The next token of each row from its logits (batch, vocab)."""
+    logits = logits.float()
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        logits = _filter_top_k(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = _filter_top_p(logits, top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_sampling(do_sample: Any, temperature: Any, top_k: Any, top_p: Any, seed: Any) -> None:
+    if not isinstance(do_sample, bool):
+        raise TypeError(f"do_sample must be a bool, got {do_sample!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number, got {temperature!r}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if top_k is not None:
+        _check_int("top_k", top_k, 1)
+    if top_p is not None:
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)):
+            raise TypeError(f"top_p must be a number, got {top_p!r}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if seed is not None:
+        _check_int("seed", seed, 0)
+
+
+@torch.no_grad()
+def generate(
+    session: DecodeSession,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 20,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+    max_length: int | None = None,
+) -> torch.Tensor:
+    """Generate with ``session``; see ``AdaptedModel.generate`` for the arguments."""
+    _check_int("max_new_tokens", max_new_tokens, 0)
+    check_sampling(do_sample, temperature, top_k, top_p, seed)
+    eos = _token_ids("eos_token_id", eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = eos[0] if eos else 0
+    else:
+        _check_int("pad_token_id", pad_token_id, 0)
+    if not isinstance(use_cache, bool):
+        raise TypeError(f"use_cache must be a bool, got {use_cache!r}")
+    ids, mask = check_prompt(input_ids, attention_mask, max_new_tokens, max_length)
+    if max_new_tokens == 0:
+        return ids.clone()
+
+    generator = None
+    if do_sample and seed is not None:
+        generator = torch.Generator(device=ids.device).manual_seed(seed)
+    batch = ids.shape[0]
+    eos_ids = torch.tensor(eos, dtype=torch.long, device=ids.device)
+    # Left padding: a token's position counts only the real tokens before it.
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    session.reset(batch)
+    logits = session.step(ids, mask, positions)
+    finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+    new_tokens: list[torch.Tensor] = []
+    for index in range(max_new_tokens):
+        token = choose_tokens(
+            logits,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+        )
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        new_tokens.append(token)
+        if eos:
+            finished |= torch.isin(token, eos_ids)
+        if index == max_new_tokens - 1 or bool(finished.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        next_position = positions[:, -1:] + 1
+        positions = torch.cat([positions, next_position], dim=-1)
+        if use_cache:
+            logits = session.step(token[:, None], mask, next_position)
+        else:
+            session.reset(batch)
+            sequence = torch.cat([ids, torch.stack(new_tokens, dim=1)], dim=-1)
+            logits = session.step(sequence, mask, positions)
+    return torch.cat([ids, torch.stack(new_tokens, dim=1)], dim=-1)
