@@ -9,6 +9,7 @@ from adaption_fx.config import AdaptionConfig
 from adaption_fx.model import AdaptedModel
 from adaption_fx.passes.errors import AttentionNotFoundError, UnsupportedGraphError
 from adaption_fx.rewrite import rewrite
+from adaption_fx.text import generate_text
 
 __all__ = [
     "AdaptedModel",
@@ -16,6 +17,7 @@ __all__ = [
     "AttentionNotFoundError",
     "CaptureError",
     "UnsupportedGraphError",
+    "generate_text",
     "rewrite",
 ]
 __version__ = "0.1.0"

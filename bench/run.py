@@ -57,6 +57,8 @@ class Config:
     len_sweep: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
     sweep_batch: int = 1
     compile_backend: str = "inductor"
+    gen_prompt: int = 32
+    gen_tokens: int = 32
 
 
 QUICK = dict(
@@ -76,6 +78,8 @@ QUICK = dict(
     seq_sweep=[8, 16],
     len_sweep=[1, 4],
     sweep_batch=1,
+    gen_prompt=6,
+    gen_tokens=4,
 )
 
 
@@ -206,7 +210,25 @@ def section_train(cfg: Config) -> dict[str, Any]:
         return step
 
     times = race({"ours": stepper(ours), "peft": stepper(peft_model)}, cfg.warmup, cfg.repeats)
-    return {"ms": median_ms(times), "ours/peft": ratio(times, "ours", "peft")}
+    flops = {name: _step_flops(stepper(m)) for name, m in (("ours", ours), ("peft", peft_model))}
+    return {
+        "ms": median_ms(times),
+        "ours/peft": ratio(times, "ours", "peft"),
+        # What the time ratio can at best be: the arithmetic each step does. Ours is the
+        # base model's forward and backward plus the adapter's small attention; PEFT adds
+        # a second query projection and a second output projection per layer.
+        "gflops": {k: v / 1e9 for k, v in flops.items()},
+        "flops ours/peft": flops["ours"] / flops["peft"],
+    }
+
+
+def _step_flops(step: Callable[[], None]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
 
 
 def section_compile(cfg: Config) -> dict[str, Any]:
@@ -266,6 +288,49 @@ def section_ort(cfg: Config) -> dict[str, Any]:
         "ort_ours/ours_eager": ratio(times, "ort_ours", "ours_eager"),
         "ort_ours/ort_base": ratio(times, "ort_ours", "ort_base"),
         "providers": providers,
+    }
+
+
+def section_generate(cfg: Config) -> dict[str, Any]:
+    """Greedy generation, tokens per second: ours (PyTorch and ORT) vs HF generate."""
+    from adaption_fx.export import OrtModel, to_onnx
+
+    base = build_llama(cfg)
+    base.generation_config.eos_token_id = None  # every contender makes all the tokens
+    ours, peft_model = adapted_pair(base, cfg)
+    peft_model.base_model.generation_config.eos_token_id = None
+    ids, mask = inputs(cfg, seq=cfg.gen_prompt)
+    n = cfg.gen_tokens
+    hf_kwargs = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = to_onnx(ours, Path(tmp) / "decode.onnx", for_generation=True)
+        ort_ours = OrtModel(path, intra_op_num_threads=cfg.threads)
+        with torch.no_grad():
+            contenders = {
+                "base_hf": lambda: base.generate(input_ids=ids, attention_mask=mask, **hf_kwargs),
+                "peft_hf": lambda: peft_model.generate(
+                    input_ids=ids, attention_mask=mask, **hf_kwargs
+                ),
+                "ours": lambda: ours.generate(ids, mask, max_new_tokens=n),
+                "ort_ours": lambda: ort_ours.generate(ids, mask, max_new_tokens=n),
+            }
+            # Same tokens from every contender (greedy, same weights and adapter).
+            tokens = {k: torch.as_tensor(fn())[:, -n:] for k, fn in contenders.items()}
+            times = race(contenders, cfg.warmup, cfg.repeats)
+    produced = ids.shape[0] * n
+    return {
+        "ms": median_ms(times),
+        "tokens_per_s": {k: produced / (v / 1000) for k, v in median_ms(times).items()},
+        "ours/base_hf": ratio(times, "ours", "base_hf"),
+        "peft_hf/base_hf": ratio(times, "peft_hf", "base_hf"),
+        "ort_ours/ours": ratio(times, "ort_ours", "ours"),
+        "same_tokens": {
+            "ours==peft_hf": bool(torch.equal(tokens["ours"], tokens["peft_hf"])),
+            "ort_ours==ours": bool(torch.equal(tokens["ort_ours"], tokens["ours"])),
+        },
+        "batch": ids.shape[0],
+        "prompt": cfg.gen_prompt,
+        "new_tokens": n,
     }
 
 
@@ -353,6 +418,7 @@ def table(results: dict[str, Any]) -> str:
             row(f"{name}: ours / captured base graph (diagnostic)", r["ours/captured"])
     if "train" in results:
         row("training step: ours / PEFT", results["train"]["ours/peft"], 0.85)
+        row("training step FLOPs: ours / PEFT (diagnostic)", results["train"]["flops ours/peft"])
     if "compile" in results:
         row("compiled forward: ours / compiled base", results["compile"]["ours/base"], 1.03)
         row("compiled forward: compiled PEFT / compiled base", results["compile"]["peft/base"])
@@ -363,6 +429,24 @@ def table(results: dict[str, Any]) -> str:
             1.0,
         )
         row("ORT forward: ours folded / ORT base", results["ort"]["ort_ours/ort_base"])
+    if "generate" in results:
+        r = results["generate"]
+        what = f"batch {r['batch']}, prompt {r['prompt']}, {r['new_tokens']} new tokens"
+        for key, label in (
+            ("base_hf", "base model, HF generate"),
+            ("peft_hf", "PEFT, HF generate"),
+            ("ours", "ours, PyTorch"),
+            ("ort_ours", "ours, ONNX Runtime"),
+        ):
+            row(
+                f"greedy generation tokens/s ({what}): {label}",
+                r["tokens_per_s"][key],
+                None,
+                "{:.0f}",
+            )
+        row("generation time: ours PyTorch / base HF generate", r["ours/base_hf"])
+        row("generation time: PEFT HF generate / base HF generate", r["peft_hf/base_hf"])
+        row("generation time: ours ORT / ours PyTorch", r["ort_ours/ours"])
     if "rewrite" in results:
         r = results["rewrite"]
         row(f"rewrite alone, {r['layers']} layers (s)", r["rewrite_alone_s"], 0.2)
@@ -423,7 +507,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-SECTIONS = ("eager", "train", "compile", "ort", "rewrite", "scaling")
+SECTIONS = ("eager", "train", "compile", "ort", "generate", "rewrite", "scaling")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -452,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": lambda: section_train(cfg),
         "compile": lambda: section_compile(cfg),
         "ort": lambda: section_ort(cfg),
+        "generate": lambda: section_generate(cfg),
         "rewrite": lambda: section_rewrite(cfg),
         "scaling": lambda: section_scaling(cfg),
     }

@@ -21,9 +21,10 @@ def test_readme_has_the_usage_and_serving_examples():
     assert len(examples) >= 2
     assert "rewrite(" in examples[0]
     assert any("OrtModel(" in b and "to_onnx(" in b for b in examples)
+    assert any("for_generation=True" in b and "generate_text(" in b for b in examples)
 
 
-@pytest.mark.parametrize("index", [0, 1])
+@pytest.mark.parametrize("index", [0, 1, 2])
 def test_readme_example_runs(index):
     code = _self_contained_examples()[index]
     exec(compile(code, str(README), "exec"), {})

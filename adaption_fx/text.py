@@ -1,0 +1,66 @@
+"""Text in, text out: generation from string prompts with a Hugging Face tokenizer."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+
+def load_tokenizer(tokenizer: Any) -> Any:
+    """A tokenizer object, or one loaded from a local directory with ``AutoTokenizer``."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        if not os.path.isdir(tokenizer):
+            raise FileNotFoundError(f"no tokenizer directory at {str(tokenizer)!r}")
+        return AutoTokenizer.from_pretrained(os.fspath(tokenizer), local_files_only=True)
+    if not callable(getattr(tokenizer, "batch_decode", None)):
+        raise TypeError(
+            "tokenizer must be a Hugging Face tokenizer or the path of a saved one, got "
+            f"{type(tokenizer).__name__}"
+        )
+    return tokenizer
+
+
+def generate_text(
+    model: Any, tokenizer: Any, prompt: str | list[str], **generate_kwargs: Any
+) -> str | list[str]:
+    """Continue ``prompt`` (a string or a list of strings) with ``model.generate``.
+
+    Args:
+        model: an AdaptedModel, or an ``OrtModel`` of a ``for_generation`` export.
+        tokenizer: a Hugging Face tokenizer, or the directory it was saved to.
+        prompt: one prompt or a batch of them (left-padded together).
+        generate_kwargs: passed to ``generate`` (``max_new_tokens``, ``do_sample``, ...).
+            ``eos_token_id`` and ``pad_token_id`` default to the tokenizer's.
+
+    Returns:
+        The generated continuation(s) only, decoded without special tokens.
+    """
+    single = isinstance(prompt, str)
+    prompts = [prompt] if single else prompt
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompt must be a str or a list of str, got {prompt!r}")
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("prompts must be non-empty strings")
+    tok = load_tokenizer(tokenizer)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pad is None:
+        pad = 0
+    padding_side = tok.padding_side
+    tok.padding_side = "left"  # generation continues every row from its last column
+    try:
+        encoded = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tok.padding_side = padding_side
+    ids = encoded["input_ids"]
+    if ids.shape[-1] == 0:
+        raise ValueError(f"the tokenizer turned {prompts!r} into no tokens")
+    generate_kwargs.setdefault("eos_token_id", tok.eos_token_id)
+    generate_kwargs.setdefault("pad_token_id", pad)
+    out = model.generate(ids, encoded["attention_mask"], **generate_kwargs)
+    new = torch.as_tensor(out)[:, ids.shape[-1] :]
+    texts = tok.batch_decode(new, skip_special_tokens=True)
+    return texts[0] if single else texts
