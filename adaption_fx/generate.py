@@ -37,8 +37,10 @@ class DecodeSession(Protocol):
 class TorchSession:
     """A decode session on an AdaptedModel's decode-step twin (``AdaptedModel.decoder()``)."""
 
-    def __init__(self, decoder: AdaptedModel):
+    def __init__(self, decoder: AdaptedModel, runner: Any = None):
         self.decoder = decoder
+        # How each graph runs (see AdaptedModel.run_graphs): eagerly, or compiled.
+        self.runner = runner
         self.layout = decoder.cache_layout
         self.input_names = [n for n in decoder.captured.keyword_names if n.startswith("past_")]
         self.past: list[torch.Tensor] = []
@@ -53,12 +55,11 @@ class TorchSession:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
         feed = dict(zip(self.input_names, self.past, strict=True))
-        out = self.decoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            **feed,
-        )
+        feed.update(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        if self.runner is None:
+            out = self.decoder(**feed)
+        else:
+            out = self.decoder.run_graphs(self.runner, (), feed)
         self.past = [out[name.replace("past_", "present_", 1)] for name in self.input_names]
         return out["logits"][:, -1, :]
 

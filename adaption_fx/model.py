@@ -449,6 +449,7 @@ class AdaptedModel(torch.nn.Module):
         pad_token_id: int | None = None,
         seed: int | None = None,
         use_cache: bool = True,
+        _runner: Callable[[torch.fx.GraphModule], Callable[..., Any]] | None = None,
     ) -> torch.Tensor:
         """Generate tokens with the active adapter (or the base model while disabled).
 
@@ -465,7 +466,7 @@ class AdaptedModel(torch.nn.Module):
 
         decoder = self.decoder()
         return generate(
-            TorchSession(decoder),
+            TorchSession(decoder, _runner),
             input_ids,
             attention_mask,
             max_new_tokens=max_new_tokens,

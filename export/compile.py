@@ -33,6 +33,14 @@ class CompiledModel(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model.run_graphs(self._compiled_graph, args, kwargs)
 
+    def generate(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``AdaptedModel.generate`` with the decode-step graphs compiled.
+
+        The prefill and the single-token steps have different shapes: the first call of
+        each compiles, after which torch.compile treats the lengths as dynamic.
+        """
+        return self.model.generate(input_ids, *args, _runner=self._compiled_graph, **kwargs)
+
     def _compiled_graph(self, graph_module: torch.fx.GraphModule) -> Any:
         compiled = self._compiled.get(graph_module)
         if compiled is None:

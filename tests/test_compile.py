@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_rel_close, padded_batch, randomize_adapter, tiny_mistral
+from helpers import assert_rel_close, padded_batch, randomize_adapter, tiny_llama, tiny_mistral
 from torch._dynamo.testing import CompileCounter
 
 from adaption_fx import AdaptionConfig, rewrite
@@ -104,3 +104,25 @@ def test_compile_arguments():
     assert compiled._options == {"mode": "reduce-overhead", "fullgraph": True}
     with pytest.raises(TypeError, match="compile expects an AdaptedModel, got Linear"):
         compile(torch.nn.Linear(2, 2))
+
+
+def test_compiled_generation_equals_eager_and_compiles_a_bounded_number_of_times():
+    model = rewrite(tiny_llama(), AdaptionConfig(adapter_len=3, adapter_layers=2))
+    randomize_adapter(model, seed=5)
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, 96, (2, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    counter = CompileCounter()
+    compiled = compile(model, backend=counter)
+    assert torch.equal(
+        compiled.generate(ids, mask, max_new_tokens=5), model.generate(ids, mask, max_new_tokens=5)
+    )
+    # Prompt lengths and cache lengths vary; after the prefill and the first step are
+    # compiled (and once more with dynamic sizes), no length recompiles.
+    compiled.generate(ids[:, 1:], mask[:, 1:], max_new_tokens=7)
+    settled = counter.frame_count
+    assert settled <= 3
+    out = compiled.generate(ids[:, 2:], mask[:, 2:], max_new_tokens=9)
+    assert counter.frame_count == settled
+    assert torch.equal(out, model.generate(ids[:, 2:], mask[:, 2:], max_new_tokens=9))
