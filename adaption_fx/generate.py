@@ -173,7 +173,9 @@ def check_sampling(do_sample: Any, temperature: Any, top_k: Any, top_p: Any, see
         raise TypeError(f"do_sample must be a bool, got {do_sample!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a number, got {temperature!r}")
-    if not (math.isfinite(temperature) and temperature > 0):
+    # Greedy decoding ignores temperature (as in HF, where temperature=0 is a common way of
+    # asking for greedy); sampling needs a positive one.
+    if do_sample and not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if top_k is not None:
         _check_int("top_k", top_k, 1)

@@ -339,6 +339,9 @@ class AdaptedModel(torch.nn.Module):
         Binding, adapter selection and output structure stay here; the runner decides how
         a graph executes (eagerly, or compiled: see ``adaption_fx.export.compile``).
         """
+        parent = self.__dict__.get("_parent")
+        if parent is not None:  # a decode-step twin runs its parent's adapter state
+            parent._sync(self)
         captured = self._captured
         captured.check_placement()
         labels = kwargs.pop("labels", None) if captured.loss_function else None
@@ -382,8 +385,8 @@ class AdaptedModel(torch.nn.Module):
 
         On first use the source model's decode step is captured (see
         :mod:`adaption_fx.decode`) and the adaption pass applied to it. The twin shares
-        this model's base weights and adapter tensors (the same objects) and follows its
-        active adapter and enable/disable state. Its inputs are ``input_ids``,
+        this model's base weights and adapter tensors (the same objects) and, on every
+        call, follows its adapters, active adapter and enable/disable state. Its inputs are ``input_ids``,
         ``attention_mask``, ``position_ids`` and ``past_<i>_key``/``past_<i>_value``; its
         output a dict of ``logits`` (last token) and ``present_<i>_key``/``_value``.
 
@@ -417,6 +420,7 @@ class AdaptedModel(torch.nn.Module):
             decoder = AdaptedModel(decode.captured, sites)
             decoder.max_length = decode.max_length
             decoder.cache_layout = decode.layout
+            object.__setattr__(decoder, "_parent", self)
             object.__setattr__(self, "_decoder", decoder)
         self._sync(decoder)
         return decoder
