@@ -238,7 +238,9 @@ class OrtModel:
         unexpected = sorted(set(values) - set(self.adapter_input_names))
         if missing or unexpected:
             raise ValueError(f"adapter tensors: missing {missing}, unexpected {unexpected}")
-        feed = {n: self._check(n, np.asarray(values[n])) for n in self.adapter_input_names}
+        # Copies: arrays from torch tensors share their memory, and a later in-place update
+        # of the model (training, load_state_dict) must not reach the stored adapter.
+        feed = {n: self._check(n, np.array(values[n])) for n in self.adapter_input_names}
         self._adapter_feed = feed
 
     def _check_structure(self, config: Mapping[str, Any], where: str) -> None:
