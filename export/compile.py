@@ -9,6 +9,7 @@ import torch
 import torch.fx
 
 from adaption_fx.model import AdaptedModel
+from adaption_fx.passes.unfuse import unfuse_adapter_attention
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,8 @@ class CompiledModel(torch.nn.Module):
         super().__init__()
         self.model = model
         self._options = dict(options)
-        # Keyed by the graph module itself (not its id) so a freed graph's id cannot alias.
+        # Keyed by the model's graph module itself (not its id, which a freed graph's could
+        # alias), whatever graph is compiled for it.
         self._compiled: dict[torch.fx.GraphModule, Any] = {}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -45,7 +47,12 @@ class CompiledModel(torch.nn.Module):
         compiled = self._compiled.get(graph_module)
         if compiled is None:
             logger.info("compiling %s with %s", type(graph_module).__name__, self._options)
-            compiled = torch.compile(graph_module, **self._options)
+            target = graph_module
+            if self._options.get("backend", "inductor") == "inductor":
+                # Inductor does better with the adapter attention written out (see unfuse);
+                # other backends run the graph as eager does, bit for bit.
+                target = unfuse_adapter_attention(graph_module)
+            compiled = torch.compile(target, **self._options)
             self._compiled[graph_module] = compiled
         return compiled
 

@@ -24,8 +24,11 @@ def test_bench_quick_run_writes_table_json_and_plot(bench_main, tmp_path, capsys
     out = capsys.readouterr().out
     assert "| eager forward (MHA): ours / base |" in out
     results = json.loads((tmp_path / "latest.json").read_text())
-    for section in ("eager", "eager_gqa", "train", "compile", "ort", "rewrite", "scaling"):
+    sections = ("eager", "eager_gqa", "train", "compile", "ort", "generate", "rewrite", "scaling")
+    for section in sections:
         assert section in results, section
+    assert results["generate"]["same_tokens"] == {"ours==peft_hf": True, "ort_ours==ours": True}
+    assert 0 < results["train"]["flops ours/peft"] < 1
     assert results["eager_gqa"]["kv_heads"] < results["config"]["heads"]
     assert results["rewrite"]["weights_shared"] is True
     for key in ("ours/base", "peft/base"):

@@ -126,3 +126,49 @@ def test_compiled_generation_equals_eager_and_compiles_a_bounded_number_of_times
     out = compiled.generate(ids[:, 2:], mask[:, 2:], max_new_tokens=9)
     assert counter.frame_count == settled
     assert torch.equal(out, model.generate(ids[:, 2:], mask[:, 2:], max_new_tokens=9))
+
+
+def test_unfused_adapter_attention_computes_the_same_function():
+    from adaption_fx.passes.unfuse import unfuse_adapter_attention
+
+    model = rewrite(tiny_mistral(), AdaptionConfig(adapter_len=3, adapter_layers=2))
+    randomize_adapter(model, seed=8)
+    graph = model.adaption_graph()
+    unfused = unfuse_adapter_attention(graph.graph_module)
+    sdpa = torch.ops.aten.scaled_dot_product_attention.default
+
+    def count(gm):
+        return sum(n.target == sdpa for n in gm.graph.nodes)
+
+    assert count(graph.graph_module) == 4 + 2 and count(unfused) == 4  # the layers' own stay
+    for name, param in unfused.named_parameters():
+        assert param is graph.graph_module.get_parameter(name)
+    assert unfuse_adapter_attention(model.base_graph_module) is model.base_graph_module
+    ids, mask = padded_batch()
+    flat = model.captured.bind((), {"input_ids": ids, "attention_mask": mask})
+    tensors = model.adapter_tensors()
+    with torch.no_grad():
+        fused_out = graph.graph_module(*flat, *tensors)[0]
+        unfused_out = unfused(*flat, *tensors)[0]
+    keep = mask.bool()  # padded query rows attend to nothing: their values are arbitrary
+    assert_rel_close(unfused_out[keep], fused_out[keep], 1e-6)
+
+
+def test_inductor_graphs_are_unfused_once_and_cached(monkeypatch):
+    import sys
+
+    # The module, not the function of the same name that adaption_fx.export exports.
+    compile_module = sys.modules["adaption_fx.export.compile"]
+    model = _model_with_two_adapters()
+    seen = []
+    real = compile_module.unfuse_adapter_attention
+    monkeypatch.setattr(
+        compile_module, "unfuse_adapter_attention", lambda gm: seen.append(gm) or real(gm)
+    )
+    monkeypatch.setattr(torch, "compile", lambda gm, **kwargs: gm)  # the call path only
+    compiled = compile(model)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        for _ in range(3):
+            compiled(input_ids=ids, attention_mask=mask)
+    assert seen == [model.graph_module]

@@ -1,0 +1,78 @@
+"""Unfuse the adapter attention for torch.compile: matmul, softmax, matmul.
+
+The insert pass writes the adapter branch as one ``scaled_dot_product_attention`` call:
+eagerly that is the fastest form (the CPU flash kernel never stores the small
+(batch, heads, seq, adapter_len) scores). Inductor, though, generates better code for the
+explicit form, whose softmax it fuses and whose matmuls broadcast the (1, heads,
+adapter_len, dim) adapter keys and values without the batch expand SDPA needs (measured on
+the default bench model: compiled ours / compiled base 1.009 unfused, 1.032 fused). This
+pass rewrites a copy of a graph that way; the function is the same.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from adaption_fx.passes.graph_copy import copy_flat_graph, graph_module_sharing
+from adaption_fx.passes.insert import ADAPTION_META_KEY
+
+aten = torch.ops.aten
+
+
+def _adapter_sdpa(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    return [
+        n
+        for n in graph.nodes
+        if n.target == aten.scaled_dot_product_attention.default
+        and n.meta.get(ADAPTION_META_KEY, {}).get("role") == "out"
+    ]
+
+
+def _unexpanded(node: torch.fx.Node) -> torch.fx.Node:
+    # The batch expand exists for SDPA only; matmul broadcasts the batch dimension itself.
+    if node.target == aten.expand.default and node.meta.get(ADAPTION_META_KEY):
+        return node.args[0]
+    return node
+
+
+def unfuse_adapter_attention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``gm`` (sharing its weights) with each fused adapter attention written as
+    ``softmax(Q @ K_aᵀ, float32).to(Q.dtype) @ V_a``; ``gm`` itself when it has none.
+
+    Precondition: ``gm`` was written by ``insert_adaption_prompt`` (the adapter attention
+    carries its ``out`` role tag, with scale already folded into the keys).
+    """
+    if not _adapter_sdpa(gm.graph):
+        return gm
+    graph, _ = copy_flat_graph(gm)
+    for node in _adapter_sdpa(graph):
+        query, key, value = node.args[:3]
+        tag = dict(node.meta[ADAPTION_META_KEY])
+        with graph.inserting_before(node):
+            key_t = graph.call_function(aten.transpose.int, (_unexpanded(key), -2, -1))
+            scores = graph.call_function(aten.matmul.default, (query, key_t))
+            probs = graph.call_function(aten.softmax.int, (scores, -1, torch.float32))
+            query_val = query.meta.get("val")
+            if query_val is not None and query_val.dtype != torch.float32:
+                probs = graph.call_function(
+                    aten._to_copy.default, (probs,), {"dtype": query_val.dtype}
+                )
+            out = graph.call_function(aten.matmul.default, (probs, _unexpanded(value)))
+        for new in (key_t, scores, probs, out):
+            new.meta[ADAPTION_META_KEY] = {**tag, "role": f"unfused_{new.name}"}
+        out.meta[ADAPTION_META_KEY] = tag
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        # The batch expands and the batch size they read are left without users.
+        for dead in (key, value):
+            if dead is not _unexpanded(dead) and not dead.users:
+                size = dead.args[1][0]
+                graph.erase_node(dead)
+                if isinstance(size, torch.fx.Node) and not size.users:
+                    graph.erase_node(size)
+    graph.lint()
+    return graph_module_sharing(gm, graph, class_name=type(gm).__name__)
+
+
+__all__ = ["unfuse_adapter_attention"]
