@@ -233,6 +233,7 @@ def capture_decode(model: torch.nn.Module, max_length: int) -> DecodeCapture:
     graph_module = ep.module()
     _drop_export_guards(graph_module)
     _inline_no_grad_regions(graph_module)
+    _skip_empty_concatenations(graph_module)
     captured = _from_graph_module(graph_module, type(model).__name__)
     captured.fill_attention_mask = False
     captured.validate = _checker(layout)
@@ -294,6 +295,46 @@ def _inline_no_grad_regions(graph_module: torch.fx.GraphModule) -> None:
         if not submodule_node.users:
             graph.erase_node(submodule_node)
             delattr(graph_module, submodule_node.target)
+    graph.lint()
+    graph_module.recompile()
+
+
+def _skip_empty_concatenations(graph_module: torch.fx.GraphModule) -> None:
+    """Drop the empty tensor transformers' cache starts each layer with from ``cat``.
+
+    ``DynamicCache`` begins a layer as ``torch.tensor([])`` and appends the given past with
+    ``cat([empty, past])``, which copies the whole past in every step; ``cat`` skips empty
+    1-d inputs, so the past itself is the same value without the copy.
+    """
+    graph = graph_module.graph
+    for node in [n for n in graph.nodes if n.target == torch.ops.aten.cat.default]:
+        inputs = node.args[0]
+        kept = [
+            a
+            for a in inputs
+            if not (
+                isinstance(a, torch.fx.Node)
+                and isinstance(a.meta.get("val"), torch.Tensor)
+                and a.meta["val"].dim() == 1
+                and a.meta["val"].shape[0] == 0
+            )
+        ]
+        if len(kept) == len(inputs):
+            continue
+        if len(kept) == 1:
+            node.replace_all_uses_with(kept[0])
+            graph.erase_node(node)
+        else:
+            node.args = (kept, *node.args[1:])
+    fresh = torch.ops.aten.lift_fresh_copy.default
+    for node in reversed(list(graph.nodes)):
+        # The empty tensors, now unused but for an in-place detach of their own.
+        if node.op != "call_function" or node.users:
+            continue
+        if node.target == fresh or (
+            node.target == torch.ops.aten.detach_.default and node.args[0].target == fresh
+        ):
+            graph.erase_node(node)
     graph.lint()
     graph_module.recompile()
 

@@ -35,12 +35,19 @@ class DecodeSession(Protocol):
 
 
 class TorchSession:
-    """A decode session on an AdaptedModel's decode-step twin (``AdaptedModel.decoder()``)."""
+    """A decode session on an AdaptedModel's decode-step twin (``AdaptedModel.decoder()``).
+
+    It runs the twin's graph for the current adapter state with the adapter folded (see
+    ``AdaptedModel.inference_graph``): the prompt projections run once per session, not
+    in every step.
+    """
 
     def __init__(self, decoder: AdaptedModel, runner: Any = None):
         self.decoder = decoder
-        # How each graph runs (see AdaptedModel.run_graphs): eagerly, or compiled.
-        self.runner = runner
+        decoder.captured.check_placement()
+        self.graph_module, self.adapter_values = decoder.inference_graph()
+        # How the graph runs (see AdaptedModel.run_graphs): eagerly, or compiled.
+        self.run = (runner or (lambda gm: gm))(self.graph_module)
         self.layout = decoder.cache_layout
         self.input_names = [n for n in decoder.captured.keyword_names if n.startswith("past_")]
         self.past: list[torch.Tensor] = []
@@ -56,10 +63,9 @@ class TorchSession:
     ) -> torch.Tensor:
         feed = dict(zip(self.input_names, self.past, strict=True))
         feed.update(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        if self.runner is None:
-            out = self.decoder(**feed)
-        else:
-            out = self.decoder.run_graphs(self.runner, (), feed)
+        captured = self.decoder.captured
+        flat = captured.bind((), feed)
+        out = captured.unflatten(self.run(*flat, *self.adapter_values))
         self.past = [out[name.replace("past_", "present_", 1)] for name in self.input_names]
         return out["logits"][:, -1, :]
 

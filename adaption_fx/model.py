@@ -16,6 +16,7 @@ from adaption_fx import checkpoint as ckpt
 from adaption_fx.capture import CapturedModel
 from adaption_fx.config import AdaptionConfig
 from adaption_fx.passes.errors import AttentionNotFoundError, UnsupportedGraphError
+from adaption_fx.passes.fold import adapter_projection, fold_adapter_kv
 from adaption_fx.passes.insert import (
     AdaptionGraph,
     adapter_tensor_shapes,
@@ -148,6 +149,8 @@ class AdaptedModel(torch.nn.Module):
         # own AdaptedModel. Plain attributes: neither is a submodule of this one.
         object.__setattr__(self, "_source", None)
         object.__setattr__(self, "_decoder", None)
+        # Per adapter structure: the folded graph and the adapter projection (inference).
+        self._folded: dict[StructureKey, tuple[Any, ...]] = {}
 
     # ----------------------------------------------------------------- inspection
     @property
@@ -306,6 +309,7 @@ class AdaptedModel(torch.nn.Module):
 
     def _drop_graphs(self, key: StructureKey) -> None:
         del self._graphs[key]
+        self._folded.pop(key, None)
         self._causal_graphs.pop(key, None)
 
     def _resolve(self, adapter_name: str | None) -> str:
@@ -369,6 +373,29 @@ class AdaptedModel(torch.nn.Module):
             )
         return result
 
+    def inference_graph(self) -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:
+        """The graph forward runs now (masked capture), with the adapter folded, and the
+        tensors to pass after the model's flat inputs.
+
+        For inference loops (generation): the adapter keys, values and gate are computed
+        once here, from the current adapter tensors, instead of in every call. The folded
+        graph is built once per adapter structure. No gradients flow to the adapter.
+        """
+        graph = self._active_graph()
+        if graph is None:
+            return self.base_graph_module, []
+        key = self._adapter_structure[self._active]
+        cached = self._folded.get(key)
+        if cached is None:
+            folded = fold_adapter_kv(graph, self.adapter_tensors(), as_inputs=True)
+            projection, names = adapter_projection(graph)
+            cached = (folded.graph_module, folded.adapter_inputs, projection, names)
+            self._folded[key] = cached
+        folded_gm, inputs, projection, names = cached
+        with torch.no_grad():
+            values = dict(zip(names, projection(*self.adapter_tensors()), strict=True))
+        return folded_gm, [values[name].detach() for name in inputs]
+
     def adaption_graph(self, adapter_name: str | None = None) -> AdaptionGraph:
         """The rewritten graph an adapter runs (the active adapter's by default)."""
         name = self._resolve(adapter_name)
@@ -386,9 +413,10 @@ class AdaptedModel(torch.nn.Module):
         On first use the source model's decode step is captured (see
         :mod:`adaption_fx.decode`) and the adaption pass applied to it. The twin shares
         this model's base weights and adapter tensors (the same objects) and, on every
-        call, follows its adapters, active adapter and enable/disable state. Its inputs are ``input_ids``,
-        ``attention_mask``, ``position_ids`` and ``past_<i>_key``/``past_<i>_value``; its
-        output a dict of ``logits`` (last token) and ``present_<i>_key``/``_value``.
+        call, follows its adapters, active adapter and enable/disable state. Its inputs
+        are ``input_ids``, ``attention_mask``, ``position_ids`` and ``past_<i>_key`` /
+        ``past_<i>_value``; its output a dict of ``logits`` (last token) and
+        ``present_<i>_key`` / ``present_<i>_value``.
 
         Args:
             max_length: the longest prompt + generated length to allow (default: the

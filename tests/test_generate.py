@@ -545,3 +545,41 @@ def test_greedy_ignores_temperature_as_hf_does(lm):
     ids = prompts(seed=22)
     greedy = lm.model.generate(ids, max_new_tokens=4)
     assert torch.equal(lm.model.generate(ids, max_new_tokens=4, temperature=0.0), greedy)
+
+
+def test_decode_graph_does_not_copy_the_past(lm):
+    # Each present tensor is one cat(past, new): the cache's empty start tensor is gone.
+    graph = lm.model.decoder().base_graph_module.graph
+    cats = [n for n in graph.nodes if n.target == torch.ops.aten.cat.default]
+    placeholders = {n for n in graph.nodes if n.op == "placeholder"}
+    cache_cats = [n for n in cats if n.args[0][0] in placeholders]
+    assert len(cache_cats) == 2 * lm.model.decoder().cache_layout.num_layers
+    assert all(len(n.args[0]) == 2 for n in cache_cats)
+    assert not [n for n in graph.nodes if n.target == torch.ops.aten.lift_fresh_copy.default]
+
+
+def test_generation_runs_the_folded_graph(lm):
+    # The prompt projections run once per generate call, not per step: the step graph has
+    # no projection of the prompt, and its output equals the unfolded graph's.
+    decoder = lm.model.decoder()
+    folded, values = decoder.inference_graph()
+    unfolded = decoder.adaption_graph()
+    assert len(values) == 3 * len(unfolded.sites)
+    linears = [n for n in folded.graph.nodes if n.target == torch.ops.aten.linear.default]
+    unfolded_linears = [
+        n for n in unfolded.graph_module.graph.nodes if n.target == torch.ops.aten.linear.default
+    ]
+    assert len(unfolded_linears) - len(linears) == 2 * len(unfolded.sites)
+    ids = prompts(batch=2, seq=4, seed=23)
+    names = [n for n in decoder.captured.keyword_names if n.startswith("past_")]
+    feed = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        position_ids=torch.arange(4).repeat(2, 1),
+        **dict(zip(names, decoder.cache_layout.empty(2), strict=True)),
+    )
+    flat = decoder.captured.bind((), feed)
+    with torch.no_grad():
+        expected = decoder(**feed)["logits"]
+        got = decoder.captured.unflatten(folded(*flat, *values))["logits"]
+    assert_rel_close(got, expected, 1e-6)
