@@ -305,6 +305,9 @@ def section_generate(cfg: Config) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         path = to_onnx(ours, Path(tmp) / "decode.onnx", for_generation=True)
         ort_ours = OrtModel(path, intra_op_num_threads=cfg.threads)
+        with ours.disable_adapter():
+            base_path = to_onnx(ours, Path(tmp) / "decode_base.onnx", for_generation=True)
+        ort_base = OrtModel(base_path, intra_op_num_threads=cfg.threads)
         with torch.no_grad():
             contenders = {
                 "base_hf": lambda: base.generate(input_ids=ids, attention_mask=mask, **hf_kwargs),
@@ -313,6 +316,7 @@ def section_generate(cfg: Config) -> dict[str, Any]:
                 ),
                 "ours": lambda: ours.generate(ids, mask, max_new_tokens=n),
                 "ort_ours": lambda: ort_ours.generate(ids, mask, max_new_tokens=n),
+                "ort_base": lambda: ort_base.generate(ids, mask, max_new_tokens=n),
             }
             # Same tokens from every contender (greedy, same weights and adapter).
             tokens = {k: torch.as_tensor(fn())[:, -n:] for k, fn in contenders.items()}
@@ -324,9 +328,11 @@ def section_generate(cfg: Config) -> dict[str, Any]:
         "ours/base_hf": ratio(times, "ours", "base_hf"),
         "peft_hf/base_hf": ratio(times, "peft_hf", "base_hf"),
         "ort_ours/ours": ratio(times, "ort_ours", "ours"),
+        "ort_ours/ort_base": ratio(times, "ort_ours", "ort_base"),
         "same_tokens": {
             "ours==peft_hf": bool(torch.equal(tokens["ours"], tokens["peft_hf"])),
             "ort_ours==ours": bool(torch.equal(tokens["ort_ours"], tokens["ours"])),
+            "ort_base==base_hf": bool(torch.equal(tokens["ort_base"], tokens["base_hf"])),
         },
         "batch": ids.shape[0],
         "prompt": cfg.gen_prompt,
@@ -437,6 +443,7 @@ def table(results: dict[str, Any]) -> str:
             ("peft_hf", "PEFT, HF generate"),
             ("ours", "ours, PyTorch"),
             ("ort_ours", "ours, ONNX Runtime"),
+            ("ort_base", "base model, ONNX Runtime (our decode-step export)"),
         ):
             row(
                 f"greedy generation tokens/s ({what}): {label}",
@@ -447,6 +454,7 @@ def table(results: dict[str, Any]) -> str:
         row("generation time: ours PyTorch / base HF generate", r["ours/base_hf"])
         row("generation time: PEFT HF generate / base HF generate", r["peft_hf/base_hf"])
         row("generation time: ours ORT / ours PyTorch", r["ort_ours/ours"])
+        row("generation time: ours ORT / base ORT", r["ort_ours/ort_base"])
     if "rewrite" in results:
         r = results["rewrite"]
         row(f"rewrite alone, {r['layers']} layers (s)", r["rewrite_alone_s"], 0.2)

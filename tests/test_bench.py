@@ -27,7 +27,8 @@ def test_bench_quick_run_writes_table_json_and_plot(bench_main, tmp_path, capsys
     sections = ("eager", "eager_gqa", "train", "compile", "ort", "generate", "rewrite", "scaling")
     for section in sections:
         assert section in results, section
-    assert results["generate"]["same_tokens"] == {"ours==peft_hf": True, "ort_ours==ours": True}
+    assert all(results["generate"]["same_tokens"].values()), results["generate"]["same_tokens"]
+    assert len(results["generate"]["same_tokens"]) == 3
     assert 0 < results["train"]["flops ours/peft"] < 1
     assert results["eager_gqa"]["kv_heads"] < results["config"]["heads"]
     assert results["rewrite"]["weights_shared"] is True
