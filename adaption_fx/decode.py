@@ -54,6 +54,16 @@ class CacheLayout:
     def num_layers(self) -> int:
         return len(self.shapes)
 
+    @property
+    def past_inputs(self) -> list[str]:
+        """The decode step's cache input names, in input order."""
+        return [name for i in range(self.num_layers) for name in past_names(i)]
+
+    @property
+    def present_outputs(self) -> list[str]:
+        """The decode step's cache output names, in the order of :attr:`past_inputs`."""
+        return [name for i in range(self.num_layers) for name in present_names(i)]
+
     def empty(self, batch: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
         """Zero-length past tensors, in input order (the prefill's past)."""
         return self.filled(batch, 0, device)
@@ -83,14 +93,6 @@ class DecodeCapture:
     captured: CapturedModel
     layout: CacheLayout
     max_length: int
-
-    @property
-    def input_names(self) -> list[str]:
-        return self.captured.keyword_names
-
-    @property
-    def output_names(self) -> list[str]:
-        return list(self.captured.out_spec.context)
 
 
 def _cache_tensors(cache: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -165,10 +167,10 @@ def _decode_forward(model: torch.nn.Module, layout: CacheLayout) -> Iterator[Non
         return result
 
     P = inspect.Parameter
-    params = [P(name, P.POSITIONAL_OR_KEYWORD) for name in ("input_ids", "attention_mask")]
-    params.append(P("position_ids", P.POSITIONAL_OR_KEYWORD))
-    for i in range(n):
-        params.extend(P(name, P.KEYWORD_ONLY) for name in past_names(i))
+    params = [
+        P(name, P.POSITIONAL_OR_KEYWORD) for name in ("input_ids", "attention_mask", "position_ids")
+    ]
+    params.extend(P(name, P.KEYWORD_ONLY) for name in layout.past_inputs)
 
     def signature_forward(*args, **kwargs):
         return forward(*args, **kwargs)
@@ -223,8 +225,7 @@ def capture_decode(model: torch.nn.Module, max_length: int) -> DecodeCapture:
         "position_ids": {0: b, 1: s},
     }
     example = layout.filled(batch, past, device, fill=0.01)
-    names = [name for i in range(layout.num_layers) for name in past_names(i)]
-    for name, tensor in zip(names, example, strict=True):
+    for name, tensor in zip(layout.past_inputs, example, strict=True):
         kwargs[name] = tensor
         dynamic[name] = {0: b, 2: p}
     logger.info("capturing the decode step of %s", type(model).__name__)
@@ -340,7 +341,7 @@ def _skip_empty_concatenations(graph_module: torch.fx.GraphModule) -> None:
 
 
 def _checker(layout: CacheLayout):
-    names = [name for i in range(layout.num_layers) for name in past_names(i)]
+    names = layout.past_inputs
     shapes = [shape for pair in layout.shapes for shape in pair]
 
     def validate(named: dict) -> None:

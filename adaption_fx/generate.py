@@ -49,7 +49,6 @@ class TorchSession:
         # How the graph runs (see AdaptedModel.run_graphs): eagerly, or compiled.
         self.run = (runner or (lambda gm: gm))(self.graph_module)
         self.layout = decoder.cache_layout
-        self.input_names = [n for n in decoder.captured.keyword_names if n.startswith("past_")]
         self.past: list[torch.Tensor] = []
         self.device = decoder.base_graph_module.get_parameter(
             decoder.sites[0].key_projection.weight
@@ -61,12 +60,12 @@ class TorchSession:
     def step(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
-        feed = dict(zip(self.input_names, self.past, strict=True))
+        feed = dict(zip(self.layout.past_inputs, self.past, strict=True))
         feed.update(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         captured = self.decoder.captured
         flat = captured.bind((), feed)
         out = captured.unflatten(self.run(*flat, *self.adapter_values))
-        self.past = [out[name.replace("past_", "present_", 1)] for name in self.input_names]
+        self.past = [out[name] for name in self.layout.present_outputs]
         return out["logits"][:, -1, :]
 
 

@@ -219,6 +219,19 @@ class AdaptedModel(torch.nn.Module):
         """Everything an adapter needs, built without touching the model's state."""
         if not isinstance(config, AdaptionConfig):
             raise TypeError(f"config must be an AdaptionConfig, got {type(config).__name__}")
+        selected, key, graphs = self._structure_graphs(config)
+        weight = self.base_graph_module.get_parameter(selected[0].key_projection.weight)
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        weights = AdapterWeights(
+            adapter_tensor_shapes(selected, config), dtype, weight.device, generator
+        )
+        return config, key, graphs, weights
+
+    def _structure_graphs(
+        self, config: AdaptionConfig
+    ) -> tuple[list[AttentionSite], StructureKey, _Graphs]:
+        """The sites ``config`` adapts, its structure key, and its rewritten graphs (the
+        ones already built for that structure, else new ones)."""
         selected = select_top_sites(self._sites, config.adapter_layers)
         key = structure_key(config, selected)
         graph = self._graphs.get(key)
@@ -231,12 +244,7 @@ class AdaptedModel(torch.nn.Module):
             causal = insert_adaption_prompt(
                 self._captured.causal.graph_module, causal_selected, config
             )
-        weight = self.base_graph_module.get_parameter(selected[0].key_projection.weight)
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-        weights = AdapterWeights(
-            adapter_tensor_shapes(selected, config), dtype, weight.device, generator
-        )
-        return config, key, _Graphs(graph, causal), weights
+        return selected, key, _Graphs(graph, causal)
 
     def _commit(
         self,
@@ -294,18 +302,15 @@ class AdaptedModel(torch.nn.Module):
 
     def _attach(self, name: str, config: AdaptionConfig, weights: AdapterWeights) -> None:
         """Add an adapter whose tensors live in another model (the decode step's twin)."""
-        selected = select_top_sites(self._sites, config.adapter_layers)
-        key = structure_key(config, selected)
-        graph = self._graphs.get(key)
-        if graph is None:
-            graph = insert_adaption_prompt(self.base_graph_module, selected, config)
+        _, key, graphs = self._structure_graphs(config)
+        needed = set(graphs.masked.adapter_inputs)
         keys = set(dict(weights.named_parameters()))
-        if set(graph.adapter_inputs) != keys:
+        if needed != keys:
             raise RuntimeError(
                 f"adapter {name!r}: the decode-step graph needs tensors "
-                f"{sorted(graph.adapter_inputs)[:4]}..., the adapter has {sorted(keys)[:4]}..."
+                f"{sorted(needed)[:4]}..., the adapter has {sorted(keys)[:4]}..."
             )
-        self._commit(name, config, key, _Graphs(graph, None), weights)
+        self._commit(name, config, key, graphs, weights)
 
     def _drop_graphs(self, key: StructureKey) -> None:
         del self._graphs[key]
@@ -357,8 +362,8 @@ class AdaptedModel(torch.nn.Module):
             flat = causal_flat if causal_flat is not None else captured.flatten(pos, named)
         graph = self._active_graph()
         if graph is None:
-            base = captured.causal.graph_module if causal_flat is not None else None
-            outputs = runner(base or self.base_graph_module)(*flat)
+            base = self.base_graph_module if causal_flat is None else captured.causal.graph_module
+            outputs = runner(base)(*flat)
         else:
             if causal_flat is not None:
                 key = self._adapter_structure[self._active]

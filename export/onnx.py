@@ -317,8 +317,8 @@ def to_onnx(
         cache = model.cache_layout
         metadata["generation"] = {
             "max_length": model.max_length,
-            "past_inputs": [n for n in names if n.startswith("past_")],
-            "present_outputs": [n for n in output_names if n.startswith("present_")],
+            "past_inputs": cache.past_inputs,
+            "present_outputs": cache.present_outputs,
             "cache_shapes": [list(shape) for pair in cache.shapes for shape in pair],
             "cache_dtype": str(cache.dtype).removeprefix("torch."),
         }

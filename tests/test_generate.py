@@ -124,20 +124,20 @@ def test_cache_equals_no_cache(setup):
     assert torch.equal(model.generate(ids, max_new_tokens=NEW), adapted)
 
 
+@torch.no_grad()
+def hf_greedy(hf_like, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's own greedy ``generate`` (a transformers or PEFT model)."""
+    return hf_like.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0
+    )
+
+
 def test_disabled_matches_hf_generate(setup):
     model, hf = setup.model, setup.hf
     ids = prompts(seed=2)
     with model.disable_adapter():
         ours = model.generate(ids, max_new_tokens=NEW)
-    with torch.no_grad():
-        expected = hf.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=NEW,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    assert torch.equal(ours, expected)
+    assert torch.equal(ours, hf_greedy(hf, ids, torch.ones_like(ids)))
 
 
 def test_disabled_left_padded_matches_hf_generate(setup):
@@ -145,11 +145,7 @@ def test_disabled_left_padded_matches_hf_generate(setup):
     ids, mask = left_pad([prompts(1, 7, seed=4)[0], prompts(1, 4, seed=5)[0]])
     with model.disable_adapter():
         ours = model.generate(ids, mask, max_new_tokens=NEW)
-    with torch.no_grad():
-        expected = hf.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0
-        )
-    assert torch.equal(ours, expected)
+    assert torch.equal(ours, hf_greedy(hf, ids, mask))
 
 
 def test_matches_peft_generate(setup):
@@ -157,15 +153,7 @@ def test_matches_peft_generate(setup):
     peft_model = make_peft(setup.hf, setup.state)
     ids = prompts(seed=6)
     ours = model.generate(ids, max_new_tokens=NEW)
-    with torch.no_grad():
-        expected = peft_model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=NEW,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    assert torch.equal(ours, expected)
+    assert torch.equal(ours, hf_greedy(peft_model, ids, torch.ones_like(ids)))
 
 
 def test_matches_naive_full_sequence_loop(setup):
