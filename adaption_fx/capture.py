@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from unittest import mock
 
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
+from adaption_fx.hf_compat import causal_attention_without_mask, check_versions, vmap_free_masks
+from adaption_fx.passes.errors import UnsupportedGraphError
 from adaption_fx.passes.graph_copy import copy_flat_graph, graph_module_sharing
 from adaption_fx.passes.locate import check_aten_graph
+from adaption_fx.passes.normalize import normalize_export_graph
 from adaption_fx.passes.patterns import SDPA_TARGETS, SOFTMAX_TARGETS
 
 logger = logging.getLogger(__name__)
@@ -235,7 +236,8 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: Any) -> 
     was_training = model.training
     model.eval()  # the frozen base runs deterministically (no dropout) in the captured graph
     try:
-        return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
+        with vmap_free_masks():
+            return torch.export.export(model, args, kwargs, dynamic_shapes=dynamic, strict=False)
     except Exception as exc:  # torch.export raises many types; the user needs the first line
         first = next((line for line in str(exc).splitlines() if line.strip()), repr(exc))
         raise CaptureError(
@@ -263,6 +265,7 @@ def capture(model: Any, example_inputs: Any = None) -> CapturedModel:
             f"torch.export.ExportedProgram, got {type(model).__name__}"
         )
     hf = _is_hf_causal_lm(model)
+    check_versions(("torch", "transformers") if hf else ("torch",))
     if example_inputs is None:
         if not hf:
             raise ValueError(
@@ -287,61 +290,6 @@ def capture(model: Any, example_inputs: Any = None) -> CapturedModel:
         if example_inputs is None:
             captured.causal = capture_causal(model, kwargs, dynamic_spec)
     return captured
-
-
-@contextlib.contextmanager
-def _causal_attention_without_mask() -> Iterator[bool]:
-    """Let Hugging Face skip the causal mask tensor while exporting, as it does eagerly.
-
-    Eagerly, HF passes SDPA ``is_causal=True`` and no mask when no token is padded; under
-    torch.export it cannot look at the mask's values, so it always materialises the
-    [batch, 1, seq, seq] mask, which SDPA then reads in every layer (about 20% of a forward
-    at seq 2048). With no ``attention_mask`` input and no ``position_ids`` input, the mask
-    is known to be causal without looking at values, which is what these two replacements
-    tell HF. Yields False (and changes nothing) if this transformers lacks the hooks.
-    """
-    try:
-        from transformers import masking_utils
-    except ImportError:
-        yield False
-        return
-    hooks = ("_ignore_causal_mask_sdpa", "find_packed_sequence_indices")
-    if not all(callable(getattr(masking_utils, h, None)) for h in hooks):
-        yield False
-        return
-
-    def ignore_causal_mask(
-        padding_mask: Any,
-        q_length: Any,
-        kv_length: Any,
-        q_offset: Any,
-        kv_offset: Any,
-        local_attention_size: Any = None,
-    ) -> bool:
-        # Only full causal attention over the input itself: a sliding window or a cache
-        # offset needs the mask.
-        return (
-            padding_mask is None
-            and local_attention_size is None
-            and isinstance(q_offset, int)
-            and q_offset == 0
-            and kv_offset == 0
-            and q_length is kv_length
-        )
-
-    def no_packed_sequences(position_ids: Any) -> None:
-        # Positions come from arange (position_ids is not a captured input): one sequence
-        # per row.
-        return None
-
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(
-            mock.patch.object(masking_utils, "_ignore_causal_mask_sdpa", ignore_causal_mask)
-        )
-        stack.enter_context(
-            mock.patch.object(masking_utils, "find_packed_sequence_indices", no_packed_sequences)
-        )
-        yield True
 
 
 def _only_causal_sdpa(gm: torch.fx.GraphModule) -> str | None:
@@ -372,7 +320,7 @@ def capture_causal(
     """
     kwargs = {k: v for k, v in kwargs.items() if k != "attention_mask"}
     dynamic = {k: v for k, v in dynamic.items() if k != "attention_mask"}
-    with _causal_attention_without_mask() as available:
+    with causal_attention_without_mask() as available:
         if not available:
             logger.info("no mask-free causal capture: transformers lacks the masking hooks")
             return None
@@ -429,6 +377,11 @@ def _from_graph_module(gm: torch.fx.GraphModule, source_name: str) -> CapturedMo
     info = getattr(codegen, "pytree_info", None)
     graph, _ = copy_flat_graph(gm)
     flat = graph_module_sharing(gm, graph, class_name="BaseGraphModule")
+    try:
+        # On the copy: a GraphModule the user passed in is left as it was.
+        normalize_export_graph(flat, source_name)
+    except UnsupportedGraphError as exc:
+        raise CaptureError(str(exc)) from exc
     captured = CapturedModel(
         graph_module=flat,
         in_spec=info.in_spec if info is not None else None,

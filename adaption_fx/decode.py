@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -233,7 +232,6 @@ def capture_decode(model: torch.nn.Module, max_length: int) -> DecodeCapture:
         ep = _export(model, (), kwargs, dynamic)
     graph_module = ep.module()
     _drop_export_guards(graph_module)
-    _inline_no_grad_regions(graph_module)
     _skip_empty_concatenations(graph_module)
     captured = _from_graph_module(graph_module, type(model).__name__)
     captured.fill_attention_mask = False
@@ -255,48 +253,6 @@ def _drop_export_guards(graph_module: torch.fx.GraphModule) -> None:
         graph.erase_node(node)
     if hasattr(graph_module, "_guards_fn"):
         delattr(graph_module, "_guards_fn")
-    graph_module.recompile()
-
-
-def _inline_no_grad_regions(graph_module: torch.fx.GraphModule) -> None:
-    """Inline the ``torch.no_grad()`` regions export wrapped in a higher-order op.
-
-    Hugging Face computes the rotary tables from ``position_ids`` under ``no_grad``; with
-    position ids as an input, export keeps that as ``wrap_with_set_grad_enabled(False,
-    submodule, ...)``, which torch.compile cannot retrace with dynamic shapes. Its inputs
-    are positions and a buffer, which never require grad, so the region computes the same
-    inline; the decode step is an inference graph.
-    """
-    graph = graph_module.graph
-    wrap = torch.ops.higher_order.wrap_with_set_grad_enabled
-    for node in [n for n in graph.nodes if n.target is wrap]:
-        enabled, submodule_node, *inputs = node.args
-        if enabled is not False or submodule_node.op != "get_attr":
-            continue
-        submodule = getattr(graph_module, submodule_node.target)
-        env: dict[torch.fx.Node, object] = {}
-        placeholders = iter(inputs)
-        outputs: tuple = ()
-        with graph.inserting_before(node):
-            for inner in submodule.graph.nodes:
-                if inner.op == "placeholder":
-                    env[inner] = next(placeholders)
-                elif inner.op == "output":
-                    outputs = tuple(torch.fx.map_arg(inner.args[0], env.__getitem__))
-                elif inner.op == "get_attr":
-                    raise CaptureError(f"{submodule_node.target} reads attributes: not inlined")
-                else:
-                    env[inner] = graph.node_copy(inner, env.__getitem__)
-        for user in list(node.users):
-            if user.target is not operator.getitem:
-                raise CaptureError(f"{node.name} is used by {user.name} directly: not inlined")
-            user.replace_all_uses_with(outputs[user.args[1]])
-            graph.erase_node(user)
-        graph.erase_node(node)
-        if not submodule_node.users:
-            graph.erase_node(submodule_node)
-            delattr(graph_module, submodule_node.target)
-    graph.lint()
     graph_module.recompile()
 
 

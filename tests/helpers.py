@@ -99,3 +99,28 @@ def assert_state_unchanged(model, snap: dict) -> None:
     for key, (obj, value) in snap["params"].items():
         assert now[key] is obj, key
         assert torch.equal(now[key], value), key
+
+
+# PEFT is the oracle for adapter management, but its rules changed between the releases the
+# suite runs against: tests follow the installed release, found by what it does and has.
+PEFT_ADD_KEEPS_ACTIVE_SINCE = "0.21"
+
+
+def peft_add_keeps_active() -> bool:
+    """True where PEFT's add_adapter keeps the active adapter (0.21 on); before, the new
+    adapter became active."""
+    import peft
+    from packaging.version import Version
+
+    return Version(peft.__version__) >= Version(PEFT_ADD_KEEPS_ACTIVE_SINCE)
+
+
+def peft_active(peft_model) -> str | None:
+    """The adapter PEFT's adaption-prompt tuner runs (its own record, in every release)."""
+    return peft_model.base_model._active_adapter
+
+
+def peft_can_delete(peft_model) -> bool:
+    """PEFT's adaption-prompt tuner has delete_adapter from 0.18 on (before, the call
+    falls through to transformers' mixin and fails)."""
+    return "delete_adapter" in vars(type(peft_model.base_model))

@@ -15,7 +15,13 @@ import copy
 
 import pytest
 import torch
-from helpers import randomize_adapter, tiny_llama
+from helpers import (
+    peft_active,
+    peft_add_keeps_active,
+    peft_can_delete,
+    randomize_adapter,
+    tiny_llama,
+)
 from torch.testing import assert_close
 
 from adaption_fx import AdaptionConfig, rewrite
@@ -253,7 +259,9 @@ def test_delete_adapter_follows_peft_rule(inputs):
         outputs[name] = logits(adapted, input_ids, attention_mask)
     assert not torch.allclose(outputs["default"], outputs["y"])
 
-    # Oracle for which adapter becomes active: PEFT itself, same order of operations.
+    # Oracle for which adapter becomes active: PEFT itself, same order of operations, where
+    # the installed PEFT can delete adaption-prompt adapters (0.18 on); our own expectations
+    # (PEFT 0.21's answers) are asserted either way.
     peft = pytest.importorskip("peft")
     peft_model = peft.get_peft_model(
         copy.deepcopy(original),
@@ -262,24 +270,28 @@ def test_delete_adapter_follows_peft_rule(inputs):
     peft_model.add_adapter("x", peft.AdaptionPromptConfig(adapter_layers=3, adapter_len=2))
     peft_model.add_adapter("y", peft.AdaptionPromptConfig(adapter_layers=1, adapter_len=6))
     tuner = peft_model.base_model
+    oracle = peft_can_delete(peft_model)
 
     # Deleting an inactive adapter keeps the active one.
     adapted.set_adapter("y")
     tuner.set_adapter("y")
     adapted.delete_adapter("default")
-    tuner.delete_adapter("default")
-    assert adapted.active_adapter == "y" == tuner.active_adapters[0]
+    assert adapted.active_adapter == "y"
+    if oracle:
+        tuner.delete_adapter("default")
+        assert peft_active(peft_model) == "y"
     assert list(adapted.adapters) == ["x", "y"]
     assert torch.equal(logits(adapted, input_ids, attention_mask), outputs["y"])
 
     # Deleting the active one activates the first remaining one ("x", not the last added).
     adapted.add_adapter("z", AdaptionConfig(adapter_layers=2, adapter_len=3))
-    peft_model.add_adapter("z", peft.AdaptionPromptConfig(adapter_layers=2, adapter_len=3))
     adapted.set_adapter("y")
-    tuner.set_adapter("y")
     adapted.delete_adapter("y")
-    tuner.delete_adapter("y")
-    assert tuner.active_adapters == ["x"]
+    if oracle:
+        peft_model.add_adapter("z", peft.AdaptionPromptConfig(adapter_layers=2, adapter_len=3))
+        tuner.set_adapter("y")
+        tuner.delete_adapter("y")
+        assert peft_active(peft_model) == "x"
     assert adapted.active_adapter == "x"
     assert list(adapted.adapters) == ["x", "z"]
     assert torch.equal(logits(adapted, input_ids, attention_mask), outputs["x"])
@@ -328,7 +340,12 @@ def test_only_adapter_tensors_train(inputs):
 
 
 def test_add_does_not_activate_like_peft(inputs):
-    """Which adapter is active after each add/delete: PEFT itself is the oracle."""
+    """Which adapter is active after each add/delete: PEFT itself is the oracle.
+
+    We follow PEFT 0.21's rule (adding keeps the active adapter). Older PEFT activated the
+    adapter it added, and could not delete adaption-prompt adapters before 0.18: there the
+    test pins that documented difference and checks our deletions against 0.21's answers.
+    """
     peft = pytest.importorskip("peft")
     original = peft_like_llama()
     adapted = rewrite(original, AdaptionConfig(adapter_layers=2, adapter_len=4))
@@ -337,7 +354,7 @@ def test_add_does_not_activate_like_peft(inputs):
         peft.AdaptionPromptConfig(adapter_layers=2, adapter_len=4, task_type="CAUSAL_LM"),
     )
     tuner = peft_model.base_model
-    assert adapted.active_adapter == tuner.active_adapters[0] == "default"
+    assert adapted.active_adapter == peft_active(peft_model) == "default"
     for name, (layers, length) in {"first": (3, 2), "second": (1, 6)}.items():
         adapted.add_adapter(name, AdaptionConfig(adapter_layers=layers, adapter_len=length))
         peft_model.add_adapter(
@@ -346,12 +363,19 @@ def test_add_does_not_activate_like_peft(inputs):
                 adapter_layers=layers, adapter_len=length, task_type="CAUSAL_LM"
             ),
         )
-        assert adapted.active_adapter == tuner.active_adapters[0] == "default"
+        assert adapted.active_adapter == "default"
+        if peft_add_keeps_active():
+            assert peft_active(peft_model) == "default"
+        else:
+            assert peft_active(peft_model) == name  # the documented pre-0.21 difference
+            tuner.set_adapter("default")
+    expected_after_delete = {"default": "first", "first": "second", "second": None}
     for name in ("default", "first", "second"):
         adapted.delete_adapter(name)
-        tuner.delete_adapter(name)
-        expected = tuner.active_adapters[0] if tuner.active_adapters else None
-        assert adapted.active_adapter == expected
+        if peft_can_delete(peft_model):
+            tuner.delete_adapter(name)
+            assert peft_active(peft_model) == expected_after_delete[name]
+        assert adapted.active_adapter == expected_after_delete[name]
     # With nothing active, the next adapter added becomes active (PEFT's first-adapter rule).
     adapted.add_adapter("again", AdaptionConfig(adapter_layers=1, adapter_len=2))
     assert adapted.active_adapter == "again"
