@@ -84,7 +84,11 @@ def test_our_adapters_load_into_peft_and_back(tmp_path, arch):
         assert_rel_close(_logits(peft_model, batch), expected[name], rtol=1e-5)
 
     # Back through PEFT's own save: the same tensors, so our outputs are bit-identical.
-    peft_model.save_pretrained(tmp_path / "via_peft")
+    # Older PEFT (0.17) saves the active adapter's tensors under every adapter's name, so
+    # each adapter is saved while it is the active one (same files on every release).
+    for name in ("default", "long"):
+        peft_model.set_adapter(name)
+        peft_model.save_pretrained(tmp_path / "via_peft", selected_adapters=[name])
     again = rewrite(source, tmp_path / "via_peft")
     again.load_adapter(tmp_path / "via_peft", adapter_name="long")
     for name in ("default", "long"):
