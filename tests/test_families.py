@@ -22,6 +22,7 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from unittest import mock
 
 import pytest
 import torch
@@ -143,6 +144,35 @@ def adapter_term(query, k_a, v_a, gate, scaling, softcap=None):
     return gate * torch.matmul(probs, v_a)
 
 
+def adapter_kv(module, prompt, head_dim):
+    """The family's adapter K/V, found by class (or base class: transformers 4.57 has
+    per-backend subclasses such as StableLmSdpaAttention)."""
+    for cls in type(module).__mro__:
+        if cls.__name__ in ADAPTER_KV:
+            return ADAPTER_KV[cls.__name__](module, prompt, head_dim)
+    raise KeyError(f"no reference K/V for {type(module).__name__}")
+
+
+def _intercept_sdpa(module, prompt, gate) -> None:
+    """Reference for attention classes that call SDPA themselves instead of going through
+    ``AttentionInterface`` (StableLM in transformers 4.57): the module's own SDPA call is
+    intercepted, and the adapter term added to its output from the same post-RoPE query."""
+    real = torch.nn.functional.scaled_dot_product_attention
+    forward = module.forward
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+        out = real(query, key, value, attn_mask, dropout_p, is_causal, scale=scale)
+        k_a, v_a = adapter_kv(module, prompt, query.shape[-1])
+        scaling = scale if scale is not None else query.shape[-1] ** -0.5
+        return out + adapter_term(query, k_a, v_a, gate, scaling).to(out.dtype)
+
+    def intercepted(*args, **kwargs):
+        with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", sdpa):
+            return forward(*args, **kwargs)
+
+    module.forward = intercepted
+
+
 def _reference_attention(eager: bool):
     def attention(module, query, key, value, attention_mask, **kwargs):
         if eager:  # the family's own eager attention (soft-capping and all)
@@ -154,9 +184,14 @@ def _reference_attention(eager: bool):
         if adapter is None:
             return out, weights
         prompt, gate = adapter
-        assert "scaling" in kwargs, f"{type(module).__name__} passes no scaling"
-        k_a, v_a = ADAPTER_KV[type(module).__name__](module, prompt, query.shape[-1])
-        extra = adapter_term(query, k_a, v_a, gate, kwargs["scaling"], kwargs.get("softcap"))
+        # No scaling (GPT-2 in transformers 4.57) means SDPA's default, 1/sqrt(head_dim),
+        # which is what the layer's own attention used.
+        scaling = kwargs.get("scaling")
+        if scaling is None:
+            assert not eager, f"{type(module).__name__} passes no scaling to eager attention"
+            scaling = query.shape[-1] ** -0.5
+        k_a, v_a = adapter_kv(module, prompt, query.shape[-1])
+        extra = adapter_term(query, k_a, v_a, gate, scaling, kwargs.get("softcap"))
         return out + extra.transpose(1, 2).to(out.dtype), weights
 
     return attention
@@ -177,7 +212,13 @@ def reference_model(src, state: dict[str, torch.Tensor], paths: list[str]):
         setattr(ref.get_submodule(path), ADAPTER_ATTR, (prompt, gate))
     impl = REF_EAGER if src.config._attn_implementation == "eager" else REF_SDPA
     ref.set_attn_implementation(impl)
-    assert ref.config._attn_implementation == impl
+    if ref.config._attn_implementation == impl:
+        return ref
+    # A model whose attention classes bypass AttentionInterface keeps "sdpa".
+    assert ref.config._attn_implementation == "sdpa", ref.config._attn_implementation
+    for path in paths:
+        module = ref.get_submodule(path)
+        _intercept_sdpa(module, *getattr(module, ADAPTER_ATTR))
     return ref
 
 
