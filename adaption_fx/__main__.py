@@ -1,7 +1,7 @@
-"""``python -m adaption_fx``: the demo on the embedded default model."""
+"""``python -m adaption_fx``: the ``adaption-fx`` command line."""
 
 import sys
 
-from adaption_fx.demo import main
+from adaption_fx.cli import main
 
 sys.exit(main())

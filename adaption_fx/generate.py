@@ -3,11 +3,14 @@
 A *session* runs the decode step and keeps the key/value cache between calls (PyTorch
 tensors here, ONNX Runtime values in ``adaption_fx.export.ort``); this module owns what is
 common: argument checks, position ids for left-padded batches, greedy and sampled token
-choice, and per-row stopping at eos.
+choice, and per-row stopping at eos. It also reads the eos and pad ids a model's own
+``generate`` defaults to (:func:`generation_defaults`), so that ours stop where Hugging
+Face's do.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 from collections.abc import Sequence
@@ -19,6 +22,76 @@ if TYPE_CHECKING:
     from adaption_fx.model import AdaptedModel
 
 logger = logging.getLogger(__name__)
+
+EosTokenIds = int | list[int] | None
+
+
+class ModelDefault(enum.Enum):
+    """The type of :data:`MODEL_DEFAULT` (an enum member, so that type checkers can tell it
+    from the ids)."""
+
+    MODEL_DEFAULT = "MODEL_DEFAULT"
+
+    def __repr__(self) -> str:
+        return "MODEL_DEFAULT"
+
+
+MODEL_DEFAULT = ModelDefault.MODEL_DEFAULT
+"""What ``eos_token_id`` and ``pad_token_id`` default to in the ``generate`` methods: the
+model's own default (see :func:`generation_defaults`). It differs from None, which a caller
+passes to mean "no eos" (or, for the pad id, "the first eos id, else 0")."""
+
+
+def _default_ids(where: str, name: str, value: Any) -> Any:
+    """``value`` (a default read from a model) if it is a valid ``name``, else None.
+
+    A default the caller did not pass must not make ``generate`` fail: configs in the wild
+    hold values our checks reject (``pad_token_id=-1`` in early Llama conversions).
+    """
+    if value is None:
+        return None
+    if isinstance(value, tuple):
+        value = list(value)
+    try:
+        _token_ids(name, value)
+        valid = name == "eos_token_id" or not isinstance(value, list)  # one pad id
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        logger.warning("ignoring %s.%s = %r: not a valid token id", where, name, value)
+        return None
+    return value
+
+
+def generation_defaults(module: Any) -> tuple[EosTokenIds, int | None]:
+    """The ``(eos_token_id, pad_token_id)`` a model's ``generate`` uses when a call names
+    neither, read as Hugging Face's ``generate`` reads them.
+
+    Each comes from ``module.generation_config`` (every Hugging Face model that can
+    generate has one, filled from its config and ``generation_config.json``). Where that
+    object lacks the attribute, or the module has no generation config, it comes from
+    ``module.config``. A None held by the generation config is kept: Hugging Face's
+    ``generate`` does not fall back to the config then, and setting
+    ``generation_config.eos_token_id = None`` is how its users turn eos stopping off.
+
+    Args:
+        module: the source model (``AdaptedModel`` keeps it for generation), or None.
+
+    Returns:
+        ``eos_token_id`` (an int, a list of ints or None) and ``pad_token_id`` (an int or
+        None); values that are not valid token ids are logged and read as None. A pad id
+        of None leaves ``generate``'s own fallback: the first eos id, else 0.
+    """
+    sources = [(where, getattr(module, where, None)) for where in ("generation_config", "config")]
+    found: list[Any] = []
+    for name in ("eos_token_id", "pad_token_id"):
+        value = None
+        for where, holder in sources:
+            if holder is not None and hasattr(holder, name):
+                value = _default_ids(where, name, getattr(holder, name))
+                break
+        found.append(value)
+    return found[0], found[1]
 
 
 class DecodeSession(Protocol):
@@ -204,13 +277,23 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token_id: int | list[int] | None = None,
-    pad_token_id: int | None = None,
+    eos_token_id: EosTokenIds | ModelDefault = MODEL_DEFAULT,
+    pad_token_id: int | ModelDefault | None = MODEL_DEFAULT,
     seed: int | None = None,
     use_cache: bool = True,
     max_length: int | None = None,
+    defaults: tuple[EosTokenIds, int | None] = (None, None),
 ) -> torch.Tensor:
-    """Generate with ``session``; see ``AdaptedModel.generate`` for the arguments."""
+    """Generate with ``session``; see ``AdaptedModel.generate`` for the arguments.
+
+    ``defaults`` is the model's ``(eos_token_id, pad_token_id)`` (see
+    :func:`generation_defaults`), taken by whichever of the two is left at
+    :data:`MODEL_DEFAULT`; an explicit None is kept.
+    """
+    if eos_token_id is MODEL_DEFAULT:
+        eos_token_id = defaults[0]
+    if pad_token_id is MODEL_DEFAULT:
+        pad_token_id = defaults[1]
     _check_int("max_new_tokens", max_new_tokens, 0)
     check_sampling(do_sample, temperature, top_k, top_p, seed)
     eos = _token_ids("eos_token_id", eos_token_id)

@@ -15,6 +15,14 @@ import torch.fx
 from adaption_fx import checkpoint as ckpt
 from adaption_fx.capture import CapturedModel
 from adaption_fx.config import AdaptionConfig
+from adaption_fx.generate import (
+    MODEL_DEFAULT,
+    EosTokenIds,
+    ModelDefault,
+    TorchSession,
+    generation_defaults,
+)
+from adaption_fx.generate import generate as generate_tokens
 from adaption_fx.passes.errors import AttentionNotFoundError, UnsupportedGraphError
 from adaption_fx.passes.fold import adapter_projection, fold_adapter_kv
 from adaption_fx.passes.insert import (
@@ -482,8 +490,8 @@ class AdaptedModel(torch.nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
+        eos_token_id: EosTokenIds | ModelDefault = MODEL_DEFAULT,
+        pad_token_id: int | ModelDefault | None = MODEL_DEFAULT,
         seed: int | None = None,
         use_cache: bool = True,
         _runner: Callable[[torch.fx.GraphModule], Callable[..., Any]] | None = None,
@@ -492,17 +500,19 @@ class AdaptedModel(torch.nn.Module):
 
         Prompts in a batch are left-padded (``attention_mask`` 0 on the left). Returns the
         prompts followed by the new tokens, (batch, prompt_len + steps); a row that
-        produced ``eos_token_id`` is filled with ``pad_token_id`` (default: the first eos
-        id, else 0) afterwards, and generation stops when every row has. ``do_sample``
-        samples from the softmax of ``logits / temperature`` restricted to the ``top_k``
-        most likely tokens and to the smallest set whose probability reaches ``top_p``;
-        ``seed`` makes it reproducible. ``use_cache=False`` recomputes the whole sequence
-        each step (for checking the cache). Runs under ``torch.no_grad()``.
-        """
-        from adaption_fx.generate import TorchSession, generate
+        produced ``eos_token_id`` (an int or a list) is filled with ``pad_token_id``
+        afterwards, and generation stops when every row has. Left out, both default to the
+        source model's, as in Hugging Face's ``generate`` (see :attr:`default_token_ids`);
+        ``eos_token_id=None`` turns eos stopping off, and a pad id that is None (passed,
+        or the model has none) is the first eos id, else 0.
 
+        ``do_sample`` samples from the softmax of ``logits / temperature`` restricted to the
+        ``top_k`` most likely tokens and to the smallest set whose probability reaches
+        ``top_p``; ``seed`` makes it reproducible. ``use_cache=False`` recomputes the whole
+        sequence each step (for checking the cache). Runs under ``torch.no_grad()``.
+        """
         decoder = self.decoder()
-        return generate(
+        return generate_tokens(
             TorchSession(decoder, _runner),
             input_ids,
             attention_mask,
@@ -516,7 +526,16 @@ class AdaptedModel(torch.nn.Module):
             seed=seed,
             use_cache=use_cache,
             max_length=decoder.max_length,
+            defaults=self.default_token_ids,
         )
+
+    @property
+    def default_token_ids(self) -> tuple[EosTokenIds, int | None]:
+        """The ``(eos_token_id, pad_token_id)`` that :meth:`generate` uses when a call
+        leaves them out: the source model's (see ``adaption_fx.generate.generation_defaults``),
+        read on every call so that changes to its ``generation_config`` apply; (None, None)
+        without a source model."""
+        return generation_defaults(self._source)
 
     @property
     def captured(self) -> CapturedModel:

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 def rewrite(
     model: Any,
-    config: AdaptionConfig | str | os.PathLike,
+    config: AdaptionConfig | str | os.PathLike | None,
     *,
     example_inputs: Any = None,
     adapter_name: str = "default",
@@ -32,7 +32,9 @@ def rewrite(
         model: an nn.Module (captured with torch.export, batch and sequence dynamic), a
             torch.fx.GraphModule from torch.export, or a torch.export.ExportedProgram.
         config: the adapter to add first: an AdaptionConfig (fresh prompts, zero gates), or
-            the directory of a saved adapter (ours or PEFT's), loaded with its tensors.
+            the directory of a saved adapter (ours or PEFT's), loaded with its tensors, or
+            None: no adapter yet (``sites`` tells how many attention layers there are; add
+            one with ``add_adapter``).
         example_inputs: inputs for capturing an nn.Module: a dict of keyword inputs, a tuple
             of positional inputs, or (args, kwargs). Built automatically for Hugging Face
             causal LMs (input_ids + attention_mask).
@@ -58,9 +60,9 @@ def rewrite(
     if isinstance(config, (str, os.PathLike)):
         # A bad directory fails here, before the (slow) capture.
         AdaptionConfig.from_pretrained(adapter_directory(config, adapter_name))
-    elif not isinstance(config, AdaptionConfig):
+    elif config is not None and not isinstance(config, AdaptionConfig):
         raise TypeError(
-            "config must be an AdaptionConfig or an adapter checkpoint directory, "
+            "config must be an AdaptionConfig, an adapter checkpoint directory or None, "
             f"got {type(config).__name__}"
         )
     captured = capture(model, example_inputs)
@@ -71,7 +73,7 @@ def rewrite(
         object.__setattr__(adapted, "_source", model)  # for generate(); not a submodule
     if isinstance(config, AdaptionConfig):
         adapted.add_adapter(adapter_name, config, generator=generator)
-    else:
+    elif config is not None:
         adapted.load_adapter(config, adapter_name)
     for param in adapted.base_graph_module.parameters():
         param.requires_grad_(False)

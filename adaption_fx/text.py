@@ -34,7 +34,9 @@ def generate_text(
         tokenizer: a Hugging Face tokenizer, or the directory it was saved to.
         prompt: one prompt or a batch of them (left-padded together).
         generate_kwargs: passed to ``generate`` (``max_new_tokens``, ``do_sample``, ...).
-            ``eos_token_id`` and ``pad_token_id`` default to the tokenizer's.
+            ``eos_token_id`` and ``pad_token_id`` left out default to the model's (its
+            ``default_token_ids``, from the source model's generation config), as in
+            ``generate``; where the model has none, to the tokenizer's.
 
     Returns:
         The generated continuation(s) only, decoded without special tokens.
@@ -58,8 +60,14 @@ def generate_text(
     ids = encoded["input_ids"]
     if ids.shape[-1] == 0:
         raise ValueError(f"the tokenizer turned {prompts!r} into no tokens")
-    generate_kwargs.setdefault("eos_token_id", tok.eos_token_id)
-    generate_kwargs.setdefault("pad_token_id", pad)
+    # The model's defaults first, as Hugging Face's generate: a chat model's generation
+    # config often lists more stop tokens (end of turn, end of text) than the tokenizer's
+    # single eos token. Left out here, generate applies them itself.
+    model_eos, model_pad = getattr(model, "default_token_ids", (None, None))
+    if model_eos is None:
+        generate_kwargs.setdefault("eos_token_id", tok.eos_token_id)
+    if model_pad is None:
+        generate_kwargs.setdefault("pad_token_id", pad)
     out = model.generate(ids, encoded["attention_mask"], **generate_kwargs)
     new = torch.as_tensor(out)[:, ids.shape[-1] :]
     texts = tok.batch_decode(new, skip_special_tokens=True)

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from adaption_fx.generate import EosTokenIds
 from adaption_fx.model import AdaptedModel
 from adaption_fx.passes.unfuse import unfuse_adapter_attention
 
@@ -39,9 +40,16 @@ class CompiledModel(torch.nn.Module):
         """``AdaptedModel.generate`` with the decode-step graphs compiled.
 
         The prefill and the single-token steps have different shapes: the first call of
-        each compiles, after which torch.compile treats the lengths as dynamic.
+        each compiles, after which torch.compile treats the lengths as dynamic. The
+        arguments go through as given, so ``eos_token_id`` and ``pad_token_id`` left out
+        take the source model's defaults (:attr:`default_token_ids`) there.
         """
         return self.model.generate(input_ids, *args, _runner=self._compiled_graph, **kwargs)
+
+    @property
+    def default_token_ids(self) -> tuple[EosTokenIds, int | None]:
+        """The wrapped model's ``(eos_token_id, pad_token_id)`` generation defaults."""
+        return self.model.default_token_ids
 
     def _compiled_graph(self, graph_module: torch.fx.GraphModule) -> Any:
         compiled = self._compiled.get(graph_module)

@@ -248,7 +248,9 @@ def to_onnx(
             ``past_<i>_key``/``past_<i>_value``; outputs ``logits`` (last token) and
             ``present_<i>_key``/``present_<i>_value``. Batch, new length and past length
             are dynamic, so the file serves prefill (past length 0) and every step; run it
-            with ``OrtModel.generate``.
+            with ``OrtModel.generate``. The source model's generation defaults
+            (``AdaptedModel.default_token_ids``: eos and pad ids) are stored with it, as
+            ``eos_token_id`` and ``pad_token_id`` in the metadata's ``generation`` entry.
 
     Returns:
         The path written. The file is checked with ``onnx.checker``; batch and sequence
@@ -264,6 +266,9 @@ def to_onnx(
     if not isinstance(for_generation, bool):
         raise TypeError(f"for_generation must be a bool, got {for_generation!r}")
     model.captured.check_placement()
+    # Read from the model the caller holds, not from the decode-step twin below: the twin
+    # has no source model to read them from.
+    eos_token_id, pad_token_id = model.default_token_ids
     if for_generation:
         model = model.decoder()
     plan = _plan(model, adapter_name, adapter_as_inputs, fold)
@@ -321,6 +326,10 @@ def to_onnx(
             "present_outputs": cache.present_outputs,
             "cache_shapes": [list(shape) for pair in cache.shapes for shape in pair],
             "cache_dtype": str(cache.dtype).removeprefix("torch."),
+            # OrtModel.generate's defaults (an int, a list or null); OrtModel reads a file
+            # written before these keys as having none.
+            "eos_token_id": eos_token_id,
+            "pad_token_id": pad_token_id,
         }
     program.model.metadata_props[METADATA_KEY] = json.dumps(metadata)
 

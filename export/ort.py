@@ -11,6 +11,9 @@ from typing import Any
 
 import numpy as np
 
+# At module level, unlike torch below: the adaption_fx package has loaded both already.
+from adaption_fx.generate import MODEL_DEFAULT, EosTokenIds, ModelDefault
+
 logger = logging.getLogger(__name__)
 
 _ORT_TYPES = {
@@ -173,14 +176,16 @@ class OrtModel:
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
+        eos_token_id: EosTokenIds | ModelDefault = MODEL_DEFAULT,
+        pad_token_id: int | ModelDefault | None = MODEL_DEFAULT,
         seed: int | None = None,
         use_cache: bool = True,
     ) -> Any:
         """Generate tokens in ONNX Runtime; the arguments are ``AdaptedModel.generate``'s.
 
-        The key/value cache stays in ONNX Runtime values between steps (IO binding): each
+        ``eos_token_id`` and ``pad_token_id`` left out take the defaults stored at export
+        (:attr:`default_token_ids`); ``eos_token_id=None`` turns eos stopping off. The
+        key/value cache stays in ONNX Runtime values between steps (IO binding): each
         step's present outputs are bound as the next step's past inputs, never copied
         through numpy. Returns a torch LongTensor (batch, prompt_len + steps).
         """
@@ -207,7 +212,17 @@ class OrtModel:
             seed=seed,
             use_cache=use_cache,
             max_length=session.max_length,
+            defaults=self.default_token_ids,
         )
+
+    @property
+    def default_token_ids(self) -> tuple[EosTokenIds, int | None]:
+        """The ``(eos_token_id, pad_token_id)`` that :meth:`generate` uses when a call
+        leaves them out: the source model's, stored by ``to_onnx(..., for_generation=True)``
+        (see ``AdaptedModel.default_token_ids``); (None, None) for files written before
+        they were stored."""
+        generation = self.metadata.get("generation", {})
+        return generation.get("eos_token_id"), generation.get("pad_token_id")
 
     # ----------------------------------------------------------------- adapters
     def set_adapter_weights(self, source: Any) -> None:

