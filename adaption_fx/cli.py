@@ -298,7 +298,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     )
     print(
         f"training: {run.total_steps} steps of {training.batch_size} x {training.grad_accum} "
-        f"examples, lr {training.lr:g} ({run.warmup} warm-up steps, then cosine)"
+        f"examples, lr {training.lr:g} (warm-up {run.warmup} step(s), then cosine decay)"
     )
     result = run.run(resume=resume)
     if result.interrupted:

@@ -62,6 +62,7 @@ class DemoResult:
     onnx_matches: bool
     train_seconds: float
     tokens_per_second: float
+    val_loss: float | None
     trainable_params: int
     total_params: int
     seconds: dict[str, float] = field(default_factory=dict)
@@ -116,18 +117,21 @@ def run_demo(settings: DemoSettings) -> DemoResult:
 
     train = [parse_record(r, f"train[{i}]") for i, r in enumerate(splits.train)]
     encoded = encode_dataset(train, tokenizer, max_length=256)
+    # The held-out split doubles as validation data, so loss.png shows both curves.
+    val = encode_dataset(held_out, tokenizer, max_length=256)
     run_dir = out / "adapter"
     clear_output(run_dir)
     run = Finetune(
         model,
         encoded,
-        None,
+        val,
         run_dir,
         TrainingArguments(
             epochs=settings.epochs,
             batch_size=settings.batch_size,
             lr=settings.lr,
             seed=settings.seed,
+            eval_every=max(1, len(encoded) // settings.batch_size // 2),
         ),
         resolve_pad_token_id(tokenizer),
         run_info={"command": "demo", "model": loaded.source},
@@ -161,6 +165,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         shown=shown,
         onnx_matches=ort_answers == adapted[: len(ort_answers)],
         train_seconds=result.seconds,
+        val_loss=result.val.loss if result.val else None,
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         total_params=sum(p.numel() for p in loaded.model.parameters()),
         tokens_per_second=result.tokens_per_second,
@@ -227,6 +232,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         f"{result.trainable_params:,} trainable parameters of {result.total_params:,} "
         f"({result.trainable_params / result.total_params:.2%})"
     )
+    if result.val_loss is not None:
+        print(f"held-out loss after fine-tuning: {result.val_loss:.4f}")
     print("ONNX Runtime answers equal the PyTorch ones: " + str(result.onnx_matches))
     print("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()))
     for name, path in result.paths.items():

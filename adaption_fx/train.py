@@ -682,6 +682,9 @@ class Finetune:
                 if interrupted:
                     checkpoint = self.save_checkpoint()
                     bar.write(f"stopped at step {self.step}; wrote {checkpoint}")
+                elif run_tokens == 0:  # resumed from the last step: nothing new to record
+                    checkpoint = checkpoints(self.out)[-1][1]
+                    publish_adapter(self.model, self.out)
                 else:
                     val = self._evaluate()
                     checkpoint = self.save_checkpoint()

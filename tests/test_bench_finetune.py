@@ -40,11 +40,11 @@ def test_quick_run_writes_json_and_table(finetune_main, tmp_path, capsys):
             assert run["tokens_per_s"][name] > 0
             assert run["step_ms"][name] > 0
         assert run["ours/peft tokens_per_s"] > 0
-        assert run["rounds"] == results["config"]["steps"] * results["config"]["repeats"]
-        # Same adapter tensors, same batch: the same loss, to float rounding; and the
-        # adapter matters (the two layer counts give different losses).
+        assert 1 <= run["rounds"] <= results["config"]["steps"] * results["config"]["repeats"]
+        # Same adapter tensors, same batch: the same loss, to float rounding; and far
+        # closer than the adapter moves it from the base model's, so the check has teeth.
         assert run["first_loss_rel_diff"] < 1e-4, run["first_loss"]
-    assert runs[0]["first_loss"]["ours"] != runs[1]["first_loss"]["ours"]
+        assert run["adapter_effect_rel"] > 10 * run["first_loss_rel_diff"], run
     assert results["max_first_loss_rel_diff"] < 1e-4
 
     table = (tmp_path / "finetune.md").read_text()

@@ -49,6 +49,7 @@ TOKEN_IDS = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)
 CONFIG = AdaptionConfig(adapter_len=3, adapter_layers=2)
 LR = 0.05  # large enough that a few steps move the adapter well past float noise
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+WEIGHTS = "adapter_model.safetensors"
 
 # Four examples whose responses differ in length, so that micro-batches of two hold
 # different numbers of response tokens (a per-micro-batch mean would then differ).
@@ -65,6 +66,16 @@ _adapter_names = itertools.count()
 
 
 # ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The models are tiny: threads gain nothing, and OpenMP threads spinning beside other
+    work on a small machine make every step several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return make_tokenizer()
@@ -81,10 +92,11 @@ def adapted(base):
 
 
 @pytest.fixture(scope="module")
-def saved_model(base, tmp_path_factory):
-    """The base model and the test tokenizer saved as a Hugging Face model directory."""
+def saved_model(tmp_path_factory):
+    """A one-layer model (each process captures it) and the test tokenizer, saved as a
+    Hugging Face model directory."""
     path = tmp_path_factory.mktemp("model")
-    base.save_pretrained(path)
+    tiny_llama(vocab_size=VOCAB, num_hidden_layers=1, **TOKEN_IDS).save_pretrained(path)
     make_tokenizer(path)
     return path
 
@@ -290,10 +302,8 @@ def test_checkpoints_are_complete_and_the_adapter_loads_in_peft(base, adapted, t
         assert state["step"] == step and state["total_steps"] == 4
         order = json.loads((checkpoint / "data_order.json").read_text())
         assert order == {"steps": run.plan}
-    final, last = (
-        load_file(out / ADAPTER_FILES[0]),
-        load_file(out / "checkpoint-4" / ADAPTER_FILES[0]),
-    )
+    final = load_file(out / WEIGHTS)
+    last = load_file(out / "checkpoint-4" / WEIGHTS)
     assert final.keys() == last.keys()
     assert all(torch.equal(final[k], last[k]) for k in final)
 
@@ -305,6 +315,12 @@ def test_checkpoints_are_complete_and_the_adapter_loads_in_peft(base, adapted, t
         plain = base(input_ids=ids, attention_mask=mask).logits
     assert not torch.allclose(theirs, plain, rtol=1e-3, atol=1e-3)  # the adapter matters
     assert_rel_close(ours, theirs, rtol=1e-5)
+    # A checkpoint directory is a PEFT adapter too.
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), out / "checkpoint-2")
+    tensors = load_file(out / "checkpoint-2" / WEIGHTS)
+    loaded = {k: v for k, v in peft_model.named_parameters() if ".adaption_" in k}
+    assert loaded.keys() == tensors.keys()
+    assert all(torch.equal(loaded[k].detach(), tensors[k]) for k in tensors)
 
 
 def test_resume_continues_bit_for_bit(adapted, tokenizer, tmp_path):
@@ -325,7 +341,7 @@ def test_resume_continues_bit_for_bit(adapted, tokenizer, tmp_path):
     result = run.run(resume=True)
     assert (result.steps, result.total_steps, result.interrupted) == (6, 6, False)
 
-    final_a, final_b = load_file(a / ADAPTER_FILES[0]), load_file(b / ADAPTER_FILES[0])
+    final_a, final_b = load_file(a / WEIGHTS), load_file(b / WEIGHTS)
     assert final_a.keys() == final_b.keys()
     for key in final_a:
         assert torch.equal(final_a[key], final_b[key]), key
@@ -430,6 +446,45 @@ def test_metrics_records_and_loss_plot(adapted, tokenizer, tmp_path, monkeypatch
 
 
 # ----------------------------------------------------------------------------- interruption
+def signal_during_step(monkeypatch, at_step: int, *signums: int) -> None:
+    """Have the process send itself ``signums`` while optimizer step ``at_step`` runs."""
+    real_step = Finetune._train_step
+
+    def step(self, micro_batches):
+        result = real_step(self, micro_batches)
+        if self.step + 1 == at_step:  # self.step counts the finished steps
+            for signum in signums:
+                os.kill(os.getpid(), signum)
+        return result
+
+    monkeypatch.setattr(Finetune, "_train_step", step)
+
+
+def test_sigterm_finishes_the_step_then_checkpoints(adapted, tokenizer, tmp_path, monkeypatch):
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal_during_step(monkeypatch, 2, signal.SIGTERM)
+    out = tmp_path / "run"
+    fresh_adapter(adapted)
+    result = finetune(adapted, encode(tokenizer, FOUR), out, max_steps=5, batch_size=2).run()
+    assert (result.interrupted, result.steps, result.checkpoint) == (True, 2, out / "checkpoint-2")
+    assert [r["step"] for r in train_records(out)] == [1, 2]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not any((out / name).exists() for name in ADAPTER_FILES)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+
+
+def test_second_sigint_stops_at_once(adapted, tokenizer, tmp_path, monkeypatch):
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal_during_step(monkeypatch, 2, signal.SIGINT, signal.SIGINT)
+    out = tmp_path / "run"
+    fresh_adapter(adapted)
+    run = finetune(adapted, encode(tokenizer, FOUR), out, max_steps=5, batch_size=2)
+    with pytest.raises(KeyboardInterrupt):
+        run.run()
+    assert not list(out.glob("checkpoint-*"))  # no checkpoint of a half-done step
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+
+
 def finetune_process(*args: str, log: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "adaption_fx", "finetune", "--quiet", *args]
     # One thread: the model is tiny, and OpenMP threads spinning beside other work on a
@@ -508,3 +563,31 @@ def test_sigint_writes_a_checkpoint_and_resume_finishes(saved_model, tmp_path):
     assert [r["lr"] for r in train] == [9e-3 * lr_factor(s, warmup, steps) for s in range(steps)]
     final = json.loads((out / f"checkpoint-{steps}" / "trainer_state.json").read_text())
     assert final["step"] == steps and final["tokens"] == train[-1]["tokens"]
+
+
+def test_compiled_training_follows_the_eager_run(adapted, tokenizer, tmp_path):
+    # One compile (inductor, dynamic shapes) of the two-layer model: three steps on padded
+    # batches of different lengths give the adapter the eager loop gives.
+    data = encode(tokenizer, FOUR)
+    states = {}
+    for compiled in (False, True):
+        fresh_adapter(adapted, seed=0)
+        finetune(
+            adapted, data, tmp_path / str(compiled), max_steps=3, batch_size=2, compile=compiled
+        ).run()
+        states[compiled] = adapted.state_dict()
+    for key, eager in states[False].items():
+        assert eager.abs().max() > 0, key
+        torch.testing.assert_close(states[True][key], eager, rtol=1e-5, atol=1e-6)
+
+
+def test_resuming_a_finished_run_only_republishes(adapted, tokenizer, tmp_path):
+    data = encode(tokenizer, FOUR)
+    fresh_adapter(adapted)
+    out = tmp_path / "run"
+    finetune(adapted, data, out, val=data, max_steps=2, batch_size=4).run()
+    before = read_metrics(out)
+    result = finetune(adapted, data, out, val=data, max_steps=2, batch_size=4).run(resume=True)
+    assert result.steps == 2 and not result.interrupted and result.tokens == 0
+    assert read_metrics(out) == before  # no second evaluation of the last step
+    assert (out / "adapter_model.safetensors").is_file()
