@@ -211,6 +211,34 @@ def batch_loss_sum(
     return loss, count
 
 
+def optimizer_step(
+    forward: Callable[..., Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    batches: Sequence[dict[str, torch.Tensor]],
+) -> tuple[float, int]:
+    """One optimizer step over collated micro-batches: the step's loss (mean over all its
+    response tokens) and the tokens it ran (attention-mask ones).
+
+    Each micro-batch's summed loss is divided by the whole step's response-token count
+    before backward, so accumulation equals one batch holding every micro-batch.
+    """
+    step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    if step_tokens == 0:
+        raise TrainingError("a training step has no response tokens")
+    total = 0.0
+    seen = 0
+    for batch in batches:
+        loss, _ = batch_loss_sum(forward, batch)
+        (loss / step_tokens).backward()
+        total += loss.item()
+        seen += int(batch["attention_mask"].sum())
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / step_tokens, seen
+
+
 @dataclass
 class EvalResult:
     loss: float
@@ -607,19 +635,7 @@ class Finetune:
         batches = [
             collate([self.train_data[i] for i in mb], self.pad_token_id) for mb in micro_batches
         ]
-        # Normalise by the step's labelled tokens, so accumulation equals one big batch.
-        step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-        total = 0.0
-        seen = 0
-        for batch in batches:
-            loss, _ = batch_loss_sum(self.forward, batch)
-            (loss / step_tokens).backward()
-            total += loss.item()
-            seen += int(batch["attention_mask"].sum())
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return total / step_tokens, seen
+        return optimizer_step(self.forward, self.optimizer, self.scheduler, batches)
 
     def run(self, resume: bool = False) -> RunResult:
         """Train to the last step (or until stopped), checkpointing and evaluating as

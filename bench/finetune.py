@@ -3,21 +3,23 @@
 Both contenders fine-tune the embedded SmolLM2-135M-Instruct on the demo task's training
 split (``adaption_fx.demo_task``), encoded with the model's own tokenizer and chat template:
 
-- ours: ``rewrite(model, None)`` + ``add_adapter``, stepped by ``Finetune._train_step``, the
-  step ``adaption-fx finetune`` takes (AdamW + schedule, loss from ``batch_loss_sum``,
-  backward, optimizer step);
+- ours: ``rewrite(model, None)`` + ``add_adapter``, stepped by ``train.optimizer_step``
+  (what ``Finetune`` steps with), the step ``adaption-fx finetune`` takes (AdamW +
+  schedule, loss from ``batch_loss_sum``, backward, optimizer step);
 - PEFT: ``get_peft_model(AdaptionPromptConfig(...))`` on a deep copy of the same base model,
-  with our adapter tensors copied in, stepped by the very same ``_train_step`` code with its
+  with our adapter tensors copied in, stepped by the very same ``optimizer_step`` code with its
   own AdamW and schedule, on the same batches.
 
 Rounds are interleaved: each round runs one optimizer step of each contender on the same
 batch, and the contender that goes first alternates. Tokens are the batch's non-padding
 tokens, as ``Finetune`` counts them. A contender's tokens/s is the median over rounds; the
-ratio is the median of the per-round ratios, so slow drifts of the machine cancel. The two
-losses of the first step (identical adapters, identical batch) must agree, which shows that
-both compute the same function, so the race is one of equal work.
+ratio is the median of the per-round ratios, so slow drifts of the machine cancel (the
+ratio of each contender's best round is a diagnostic: other processes only ever add time).
+Each race stops starting rounds after ``--budget-s`` seconds. The two losses of the first
+step (identical adapters, identical batch) must agree, which shows that both compute the
+same function, so the race is one of equal work.
 
-    python -m bench.finetune                  # the embedded model (about 5 minutes, 2 cores)
+    python -m bench.finetune                  # the embedded model (2-5 minutes on 2 cores)
     python -m bench.finetune --quick          # tiny random Llama, in-code tokenizer (seconds)
     python -m bench.finetune --adapter-layers 30 8 --steps 6 --repeats 2 --budget-s 0
 
@@ -35,10 +37,9 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -52,7 +53,13 @@ from adaption_fx.data import (
     resolve_pad_token_id,
 )
 from adaption_fx.demo_task import make_splits
-from adaption_fx.train import Finetune, TrainingArguments, batch_loss_sum, lr_factor
+from adaption_fx.train import (
+    Finetune,
+    TrainingArguments,
+    batch_loss_sum,
+    lr_factor,
+    optimizer_step,
+)
 
 logger = logging.getLogger("bench.finetune")
 
@@ -208,26 +215,32 @@ def peft_model_for(pristine: Any, adapter_len: int, layers: int, state: dict[str
     return peft_model
 
 
-def peft_stepper(peft_model: Any, run: Finetune) -> SimpleNamespace:
-    """What ``Finetune._train_step`` reads from ``self``, for PEFT's model.
+Stepper = Callable[[list[list[int]]], tuple[float, int]]
 
-    ``Finetune`` only accepts an AdaptedModel, but its step uses nothing of it beyond
-    ``forward``; running the same function on PEFT's model, with an AdamW and schedule built
-    the way ``Finetune`` builds them, makes the step code identical by construction.
-    """
+
+def stepper(forward: Any, optimizer: Any, scheduler: Any, run: Finetune) -> Stepper:
+    """One optimizer step on a run's micro-batches through ``train.optimizer_step``, the
+    function ``Finetune`` steps with, so both contenders run the same step code."""
+
+    def step(micro_batches: list[list[int]]) -> tuple[float, int]:
+        batches = [
+            collate([run.train_data[i] for i in mb], run.pad_token_id) for mb in micro_batches
+        ]
+        return optimizer_step(forward, optimizer, scheduler, batches)
+
+    return step
+
+
+def peft_stepper(peft_model: Any, run: Finetune) -> Stepper:
+    """The step for PEFT's model, with an AdamW and schedule built as ``Finetune`` builds
+    them (``Finetune`` itself only takes an AdaptedModel)."""
     params = [p for p in peft_model.parameters() if p.requires_grad]
     args = run.args
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, run.warmup, run.total_steps)
     )
-    return SimpleNamespace(
-        train_data=run.train_data,
-        pad_token_id=run.pad_token_id,
-        forward=peft_model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-    )
+    return stepper(peft_model, optimizer, scheduler, run)
 
 
 def base_model_loss(run: Finetune, micro_batches: list[list[int]]) -> float:
@@ -269,7 +282,7 @@ def race(
         order = names if index % 2 == 0 else names[::-1]
         for name in order:
             started, cpu_started = time.perf_counter(), time.process_time()
-            loss, seen = Finetune._train_step(steppers[name], micro_batches)
+            loss, seen = steppers[name](micro_batches)
             elapsed = time.perf_counter() - started
             cpu_elapsed = time.process_time() - cpu_started
             losses[name].append(loss)
@@ -306,7 +319,10 @@ def section(
             ours.train()
             peft_model.train()  # as Finetune.run puts ours in training mode
             started = time.perf_counter()
-            steppers = {"ours": run, "peft": peft_stepper(peft_model, run)}
+            steppers = {
+                "ours": stepper(run.forward, run.optimizer, run.scheduler, run),
+                "peft": peft_stepper(peft_model, run),
+            }
             raced = race(steppers, batches, cfg.warmup, cfg.budget_s)
             logger.info(
                 "adapter_layers=%d: %d rounds in %.1f s",
