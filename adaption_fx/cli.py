@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -570,8 +571,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except (ValueError, TypeError) as exc:
         # Bad values reach the library's own checks (e.g. an AdaptionConfig field, an
-        # adapter that does not fit the model); their messages name the value.
+        # adapter that does not fit the model); their messages name the value. With -v the
+        # traceback follows, for the case where the fault is ours.
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)

@@ -124,3 +124,22 @@ def peft_can_delete(peft_model) -> bool:
     """PEFT's adaption-prompt tuner has delete_adapter from 0.18 on (before, the call
     falls through to transformers' mixin and fails)."""
     return "delete_adapter" in vars(type(peft_model.base_model))
+
+
+def response_cross_entropy(model, data) -> float:
+    """Mean next-token cross-entropy over the response tokens of an EncodedDataset, each
+    example run on its own (no padding), in float64: the fine-tuning tests' independent
+    reference for the loss the training loop and `eval` report."""
+    from adaption_fx.data import IGNORE_INDEX
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for example in data.examples:
+            ids = torch.tensor([example.input_ids])
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
+            log_probs = torch.log_softmax(logits[:-1].double(), dim=-1)
+            targets = torch.tensor(example.labels[1:])
+            rows = (targets != IGNORE_INDEX).nonzero().flatten()
+            total -= log_probs[rows, targets[rows]].sum().item()
+            count += len(rows)
+    return total / count

@@ -24,14 +24,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import response_cross_entropy, tiny_llama
 from safetensors.torch import load_file
 from tokenizers_for_tests import make_tokenizer
 
 import adaption_fx.text
 from adaption_fx import AdaptionConfig, rewrite
 from adaption_fx.cli import main
-from adaption_fx.data import IGNORE_INDEX, alpaca_prompt, encode_dataset, read_records
+from adaption_fx.data import alpaca_prompt, encode_dataset, read_records
 from adaption_fx.demo_task import make_splits, score, write_splits
 
 TOKEN_IDS = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)  # the test tokenizer's
@@ -194,21 +194,6 @@ def tree(path: Path) -> dict[str, bytes | None]:
     return {
         str(p.relative_to(path)): None if p.is_dir() else p.read_bytes() for p in path.rglob("*")
     }
-
-
-def cross_entropy(model, data) -> float:
-    """Mean next-token cross-entropy over the response tokens, each example on its own."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for example in data.examples:
-            ids = torch.tensor([example.input_ids])
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
-            log_probs = torch.log_softmax(logits[:-1].double(), dim=-1)
-            targets = torch.tensor(example.labels[1:])
-            rows = (targets != IGNORE_INDEX).nonzero().flatten()
-            total -= log_probs[rows, targets[rows]].sum().item()
-            count += len(rows)
-    return total / count
 
 
 def expected_stdout(prompts, answers) -> str:
@@ -521,9 +506,9 @@ def test_eval_reports_the_loss_over_response_tokens(models, trained, adapted, tm
     assert report.keys() == {"examples", "dropped", "truncated", "tokens", "loss", "perplexity"}
     assert (report["examples"], report["dropped"], report["truncated"]) == (5, 0, 0)
     assert report["tokens"] == encoded.response_tokens
-    assert report["loss"] == pytest.approx(cross_entropy(adapted, encoded), rel=1e-6)
+    assert report["loss"] == pytest.approx(response_cross_entropy(adapted, encoded), rel=1e-6)
     assert report["perplexity"] == pytest.approx(math.exp(report["loss"]), rel=1e-12)
-    assert report["loss"] != pytest.approx(cross_entropy(models.hf, encoded), rel=1e-4)
+    assert report["loss"] != pytest.approx(response_cross_entropy(models.hf, encoded), rel=1e-4)
 
 
 def test_eval_on_the_demo_task_reports_exact_match(models, trained, adapted, tmp_path, capsys):
@@ -565,4 +550,4 @@ def test_eval_exact_match_counts_right_answers(models, tmp_path, capsys, monkeyp
     assert report["exact_match"] == pytest.approx(2 / 3)
     assert calls == [{"max_new_tokens": 5}] * 2  # two batches of at most 2
     encoded = encode_dataset(read_records(held_out), models.tokenizer, 512)
-    assert report["loss"] == pytest.approx(cross_entropy(models.hf, encoded), rel=1e-6)
+    assert report["loss"] == pytest.approx(response_cross_entropy(models.hf, encoded), rel=1e-6)

@@ -25,13 +25,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_rel_close, padded_batch, tiny_llama
+from helpers import assert_rel_close, padded_batch, response_cross_entropy, tiny_llama
 from safetensors.torch import load_file
 from tokenizers_for_tests import make_tokenizer
 
 from adaption_fx import AdaptionConfig, rewrite
 from adaption_fx import train as train_module
-from adaption_fx.data import IGNORE_INDEX, Example, batch_order, encode_dataset
+from adaption_fx.data import Example, batch_order, encode_dataset
 from adaption_fx.train import (
     ADAPTER_FILES,
     Finetune,
@@ -121,22 +121,6 @@ def finetune(model, data, out, val=None, **arguments) -> Finetune:
 
 def train_records(out: Path) -> list[dict]:
     return [r for r in read_metrics(out) if r["kind"] == "train"]
-
-
-def cross_entropy(model, data) -> float:
-    """Mean next-token cross-entropy over the response tokens, each example run on its own
-    (no padding), in float64."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for example in data.examples:
-            ids = torch.tensor([example.input_ids])
-            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0]
-            log_probs = torch.log_softmax(logits[:-1].double(), dim=-1)
-            targets = torch.tensor(example.labels[1:])
-            rows = (targets != IGNORE_INDEX).nonzero().flatten()
-            total -= log_probs[rows, targets[rows]].sum().item()
-            count += len(rows)
-    return total / count
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -244,12 +228,12 @@ def test_reported_loss_is_the_cross_entropy_over_response_tokens(
     finetune(adapted, data, out, max_steps=3, batch_size=4, save_every=1).run()
     losses = {r["step"]: r["loss"] for r in train_records(out)}
     # Step 1 runs the zero-gated adapter: the base model's own logits.
-    assert losses[1] == pytest.approx(cross_entropy(base, data), rel=1e-6)
+    assert losses[1] == pytest.approx(response_cross_entropy(base, data), rel=1e-6)
     # Step 3 runs the adapter as checkpoint-2 holds it (each step is the whole data set).
     fresh_adapter(adapted)
     adapted.load_adapter(out / "checkpoint-2", adapted.active_adapter)
     assert all(v.abs().max() > 0 for k, v in adapted.state_dict().items() if "gate" in k)
-    assert losses[3] == pytest.approx(cross_entropy(adapted, data), rel=1e-6)
+    assert losses[3] == pytest.approx(response_cross_entropy(adapted, data), rel=1e-6)
     assert losses[3] != pytest.approx(losses[1], rel=1e-3)
 
 
@@ -440,7 +424,7 @@ def test_metrics_records_and_loss_plot(adapted, tokenizer, tmp_path, monkeypatch
         assert record["val_tokens"] == val.response_tokens
         assert record["val_perplexity"] == pytest.approx(math.exp(record["val_loss"]))
     assert records[-1]["val_loss"] == result.val.loss
-    assert result.val.loss == pytest.approx(cross_entropy(adapted, val), rel=1e-6)
+    assert result.val.loss == pytest.approx(response_cross_entropy(adapted, val), rel=1e-6)
     assert result.train_loss == records[-2]["loss"]
     assert (result.steps, result.tokens) == (3, tokens)
 
