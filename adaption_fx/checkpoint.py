@@ -14,9 +14,9 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
@@ -84,18 +84,26 @@ def read_config_dict(directory: PathLike) -> dict[str, Any]:
 
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
     """Write JSON to ``path`` through a temporary file in the same directory and a rename."""
-    write_text_atomic(path, json.dumps(dict(data), indent=2, sort_keys=True) + "\n")
+
+    def dump(f: TextIO) -> None:
+        json.dump(dict(data), f, indent=2, sort_keys=True)
+        f.write("\n")
+
+    _write_atomic(Path(path), dump)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same directory and a
     rename, so a reader sees the old file or the new one, never a part."""
-    path = Path(path)
+    _write_atomic(Path(path), lambda f: f.write(text))
+
+
+def _write_atomic(path: Path, write: Callable[[TextIO], object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
