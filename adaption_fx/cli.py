@@ -470,7 +470,7 @@ def task_exact_match(
     task's), with the generated answers."""
     from adaption_fx.data import example_prompt
     from adaption_fx.demo_task import is_task_example, score
-    from adaption_fx.text import generate_text
+    from adaption_fx.text import generate_in_batches
 
     if not examples or not all(
         e.alpaca is not None and is_task_example(e.alpaca.instruction, e.alpaca.output)
@@ -478,10 +478,9 @@ def task_exact_match(
     ):
         return None
     pairs = [example_prompt(tokenizer, e) for e in examples]
-    answers: list[str] = []
-    for start in range(0, len(pairs), batch_size):
-        prompts = [p for p, _ in pairs[start : start + batch_size]]
-        answers += generate_text(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    answers = generate_in_batches(
+        model, tokenizer, [p for p, _ in pairs], batch_size, max_new_tokens=max_new_tokens
+    )
     return score(answers, [r for _, r in pairs]), answers
 
 

@@ -28,7 +28,7 @@ from adaption_fx.data import (
 from adaption_fx.demo_task import make_splits, score, write_splits
 from adaption_fx.pretrained import load_pretrained
 from adaption_fx.rewrite import rewrite
-from adaption_fx.text import generate_text
+from adaption_fx.text import generate_in_batches
 from adaption_fx.train import Finetune, TrainingArguments, check_output, clear_output
 
 logger = logging.getLogger(__name__)
@@ -69,13 +69,9 @@ class DemoResult:
     paths: dict[str, Path] = field(default_factory=dict)
 
 
-def _answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch: int = 16):
-    out: list[str] = []
-    for start in range(0, len(prompts), batch):
-        out += generate_text(
-            model, tokenizer, prompts[start : start + batch], max_new_tokens=max_new_tokens
-        )
-    return [a.strip() for a in out]
+def _answers(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
+    answers = generate_in_batches(model, tokenizer, prompts, 16, max_new_tokens=max_new_tokens)
+    return [a.strip() for a in answers]
 
 
 def run_demo(settings: DemoSettings) -> DemoResult:

@@ -75,3 +75,18 @@ def generate_text(
     new = torch.as_tensor(out)[:, ids.shape[-1] :]
     texts = tok.batch_decode(new, skip_special_tokens=True)
     return texts[0] if single else texts
+
+
+def generate_in_batches(
+    model: Any, tokenizer: Any, prompts: list[str], batch_size: int, **generate_kwargs: Any
+) -> list[str]:
+    """:func:`generate_text` over ``prompts``, ``batch_size`` at a time (which bounds the
+    padding and memory of a long list); the continuations in prompt order."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        answers += generate_text(
+            model, tokenizer, prompts[start : start + batch_size], **generate_kwargs
+        )
+    return answers

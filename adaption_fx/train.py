@@ -153,16 +153,16 @@ def plan_steps(lengths: Sequence[int], args: TrainingArguments) -> list[list[lis
     if not lengths:
         raise TrainingError("no training examples")
     micro: list[list[int]] = []
-    epoch = 0
-    while True:
-        target = None if args.max_steps is None else args.max_steps * args.grad_accum
-        if target is None and epoch >= args.epochs:
-            break
-        if target is not None and len(micro) >= target:
-            micro = micro[:target]
-            break
-        micro.extend(batch_order(lengths, args.batch_size, args.seed, epoch))
-        epoch += 1
+    if args.max_steps is None:
+        for epoch in range(args.epochs):
+            micro.extend(batch_order(lengths, args.batch_size, args.seed, epoch))
+    else:
+        target = args.max_steps * args.grad_accum
+        epoch = 0
+        while len(micro) < target:
+            micro.extend(batch_order(lengths, args.batch_size, args.seed, epoch))
+            epoch += 1
+        micro = micro[:target]
     return [micro[i : i + args.grad_accum] for i in range(0, len(micro), args.grad_accum)]
 
 
@@ -201,14 +201,30 @@ def batch_loss_sum(
     logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"][:, 1:]
     logits = logits[:, :-1]
-    count = int((labels != IGNORE_INDEX).sum())
     loss = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(),
         labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
-    return loss, count
+    return loss, response_token_count(batch)
+
+
+def response_token_count(batch: dict[str, torch.Tensor]) -> int:
+    """How many tokens of a collated batch the loss covers (labelled next tokens)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def build_optimizer(
+    params: Sequence[torch.nn.Parameter], args: TrainingArguments, warmup: int, total: int
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over ``params`` with the run's learning rate and weight decay, and its schedule
+    (:func:`lr_factor`: ``warmup`` steps up, cosine down to 0 at step ``total``)."""
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup, total)
+    )
+    return optimizer, scheduler
 
 
 def optimizer_step(
@@ -223,7 +239,7 @@ def optimizer_step(
     Each micro-batch's summed loss is divided by the whole step's response-token count
     before backward, so accumulation equals one batch holding every micro-batch.
     """
-    step_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    step_tokens = sum(response_token_count(b) for b in batches)
     if step_tokens == 0:
         raise TrainingError("a training step has no response tokens")
     total = 0.0
@@ -511,10 +527,8 @@ class Finetune:
             self.forward = compile_model(model, dynamic=True)
         # The active adapter's tensors only: model.parameters() holds every adapter, and an
         # optimizer over others would not load a checkpoint into a model without them.
-        self.params = active_parameters(model)
-        self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, weight_decay=args.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.warmup, self.total_steps)
+        self.optimizer, self.scheduler = build_optimizer(
+            active_parameters(model), args, self.warmup, self.total_steps
         )
         self.step = 0
         self.tokens = 0
@@ -583,12 +597,8 @@ class Finetune:
             )
         self.model.load_adapter(path, self.model.active_adapter)
         # load_adapter may install new parameter objects: rebuild the optimizer on them.
-        self.params = active_parameters(self.model)
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=self.args.lr, weight_decay=self.args.weight_decay
-        )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.warmup, self.total_steps)
+        self.optimizer, self.scheduler = build_optimizer(
+            active_parameters(self.model), self.args, self.warmup, self.total_steps
         )
         saved = torch.load(path / STATE_FILE, weights_only=False)
         self.optimizer.load_state_dict(saved["optimizer"])

@@ -57,7 +57,7 @@ from adaption_fx.train import (
     Finetune,
     TrainingArguments,
     batch_loss_sum,
-    lr_factor,
+    build_optimizer,
     optimizer_step,
 )
 
@@ -235,11 +235,7 @@ def peft_stepper(peft_model: Any, run: Finetune) -> Stepper:
     """The step for PEFT's model, with an AdamW and schedule built as ``Finetune`` builds
     them (``Finetune`` itself only takes an AdaptedModel)."""
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    args = run.args
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, run.warmup, run.total_steps)
-    )
+    optimizer, scheduler = build_optimizer(params, run.args, run.warmup, run.total_steps)
     return stepper(peft_model, optimizer, scheduler, run)
 
 

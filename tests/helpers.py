@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -143,3 +144,14 @@ def response_cross_entropy(model, data) -> float:
             total -= log_probs[rows, targets[rows]].sum().item()
             count += len(rows)
     return total / count
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread for a module of tiny-model tests (import it into the module): threads
+    gain nothing on tiny models, and OpenMP threads spinning beside other work on a small
+    machine make every step several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,7 +24,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import response_cross_entropy, tiny_llama
+from helpers import (
+    one_thread,  # noqa: F401 (autouse: this module runs on one thread)
+    response_cross_entropy,
+    tiny_llama,
+)
 from safetensors.torch import load_file
 from tokenizers_for_tests import make_tokenizer
 
@@ -98,16 +102,6 @@ class Trained:
     out: Path  # the finetune --out directory: the adapter at its root
     stdout: str
     data: Path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: threads gain nothing, and OpenMP threads spinning beside other
-    work on a small machine make every command several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -25,7 +25,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_rel_close, padded_batch, response_cross_entropy, tiny_llama
+from helpers import (
+    assert_rel_close,
+    one_thread,  # noqa: F401 (autouse: this module runs on one thread)
+    padded_batch,
+    response_cross_entropy,
+    tiny_llama,
+)
 from safetensors.torch import load_file
 from tokenizers_for_tests import make_tokenizer
 
@@ -66,14 +72,6 @@ _adapter_names = itertools.count()
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: threads gain nothing, and OpenMP threads spinning beside other
-    work on a small machine make every step several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +243,8 @@ def test_training_changes_only_the_active_adapter(adapted, tokenizer, tmp_path):
     before = {k: v.clone() for k, v in adapted.state_dict().items()}
     active = fresh_adapter(adapted, seed=6)
     run = finetune(adapted, encode(tokenizer, FOUR), tmp_path / "run", max_steps=2, batch_size=4)
-    assert {id(p) for p in run.params} == {
+    optimized = [p for group in run.optimizer.param_groups for p in group["params"]]
+    assert {id(p) for p in optimized} == {
         id(p) for p in adapted.adapter_weights[active].parameters()
     }
     run.run()
