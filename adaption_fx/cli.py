@@ -30,29 +30,29 @@ PROG = "adaption-fx"
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
-# finetune's defaults. Its options are parsed with no defaults so that ``--resume`` can
-# tell what was given now from what the run was started with (kept in run.json).
-FINETUNE_DEFAULTS: dict[str, Any] = {
+# finetune's own defaults; the adapter's gate and the training arguments take theirs from
+# AdaptionConfig and TrainingArguments (see finetune_defaults). Its options are parsed with
+# no defaults so that ``--resume`` can tell what was given now from what the run was
+# started with (kept in run.json).
+FINETUNE_CLI_DEFAULTS: dict[str, Any] = {
     "model": None,
     "val_data": None,
     "val_split": None,
     "max_length": 512,
     "adapter_len": 10,
     "adapter_layers": None,  # all attention layers
-    "gate": "scalar",
-    "gate_activation": "identity",
-    "epochs": 1,
-    "max_steps": None,
-    "batch_size": 8,
-    "grad_accum": 1,
-    "lr": 9e-3,
-    "warmup_steps": None,
-    "weight_decay": 0.02,
-    "eval_every": None,
-    "save_every": None,
-    "seed": 0,
-    "compile": False,
 }
+
+
+def finetune_defaults() -> dict[str, Any]:
+    """Every finetune option's default (imported late: ``--help`` should not load torch)."""
+    from dataclasses import fields
+
+    from adaption_fx.config import AdaptionConfig
+    from adaption_fx.train import TrainingArguments
+
+    gate = {f.name: f.default for f in fields(AdaptionConfig) if f.name.startswith("gate")}
+    return {**FINETUNE_CLI_DEFAULTS, **gate, **TrainingArguments().to_dict()}
 
 
 class UsageError(ValueError):
@@ -212,14 +212,15 @@ def _finetune_options(given: dict[str, Any], out: Path, resume: bool) -> dict[st
     """The run's options: built-in defaults, then (resuming) the run's own, then ``given``."""
     from adaption_fx.train import RUN_FILE
 
-    options = dict(FINETUNE_DEFAULTS)
+    options = finetune_defaults()
+    known = {*options, "data"}
     if resume:
         run_file = out / RUN_FILE
         if not run_file.is_file():
             raise UsageError(f"--resume: no {RUN_FILE} in {str(out)!r}")
         stored = json.loads(run_file.read_text(encoding="utf-8")).get("cli", {})
-        options.update({k: v for k, v in stored.items() if k in FINETUNE_DEFAULTS or k == "data"})
-    options.update({k: v for k, v in given.items() if k in FINETUNE_DEFAULTS or k == "data"})
+        options.update({k: v for k, v in stored.items() if k in known})
+    options.update({k: v for k, v in given.items() if k in known})
     if options.get("data") is None:
         raise UsageError("--data FILE is required")
     if options["val_data"] is not None and options["val_split"] is not None:
@@ -247,9 +248,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         raise UsageError("give --resume or --overwrite, not both")
     given = {k: v for k, v in vars(args).items() if k not in ("handler", "command")}
     options = _finetune_options(given, out, resume)
-    training = TrainingArguments(
-        **{k: options[k] for k in TrainingArguments.__dataclass_fields__ if k in options}
-    )
+    training = TrainingArguments.from_dict(options)
     # Everything cheap is checked before the model is loaded.
     check_output(out, resume=resume, overwrite=overwrite)
     examples = _read_examples(options["data"], "--data")
