@@ -12,12 +12,14 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
+from adaption_fx.graph_cache import cache_enabled, cached_export
 from adaption_fx.hf_compat import causal_attention_without_mask, check_versions, vmap_free_masks
 from adaption_fx.passes.errors import UnsupportedGraphError
 from adaption_fx.passes.graph_copy import copy_flat_graph, graph_module_sharing
 from adaption_fx.passes.locate import check_aten_graph
 from adaption_fx.passes.normalize import normalize_export_graph
 from adaption_fx.passes.patterns import SDPA_TARGETS, SOFTMAX_TARGETS
+from adaption_fx.repeated import capture_once_per_layer, same_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +47,8 @@ class CapturedModel:
             ``attention_mask``, whose attention calls SDPA with ``is_causal=True`` and no mask
             tensor (see :func:`capture_causal`). Used when every token is attended to, where
             it computes the same function without building and reading a mask.
+        cache: whether captures made later for this model (the decode step) may use the
+            persistent graph cache.
     """
 
     graph_module: torch.fx.GraphModule
@@ -61,6 +65,7 @@ class CapturedModel:
     placement: tuple[torch.device, torch.dtype] | None = None
     causal: CapturedModel | None = None
     validate: Callable[[dict[str, Any]], None] | None = None
+    cache: bool = False
 
     def check_placement(self) -> None:
         """Raise if the weights moved or were cast since capture.
@@ -232,7 +237,21 @@ def _auto_dynamic(value: Any) -> Any:
     return None
 
 
-def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: Any) -> Any:
+def _export(
+    model: torch.nn.Module,
+    args: tuple,
+    kwargs: dict,
+    dynamic: Any,
+    *,
+    what: str | None = None,
+    cache: bool = False,
+) -> Any:
+    """torch.export of ``model`` in eval mode; read from and written to the graph cache
+    (see :mod:`adaption_fx.graph_cache`) under the name ``what`` when ``cache`` is on."""
+    if what is not None and cache_enabled(cache):
+        return cached_export(
+            model, args, kwargs, dynamic, what, lambda: _export(model, args, kwargs, dynamic)
+        )
     was_training = model.training
     model.eval()  # the frozen base runs deterministically (no dropout) in the captured graph
     try:
@@ -247,14 +266,18 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic: Any) -> 
         model.train(was_training)
 
 
-def capture(model: Any, example_inputs: Any = None) -> CapturedModel:
+def capture(model: Any, example_inputs: Any = None, *, cache: bool = True) -> CapturedModel:
     """Capture ``model`` (nn.Module, ExportedProgram or GraphModule) as a flat ATen graph.
 
     For an nn.Module, ``example_inputs`` is a dict of keyword inputs, a tuple of positional
     inputs, or ``(args_tuple, kwargs_dict)``; the first two dims of each tensor are made
     dynamic where torch.export allows. Hugging Face causal LMs need none: input_ids and
     attention_mask examples are built, and use_cache is fixed to False.
+
+    ``cache``: read Hugging Face causal LMs' captures from, and write them to, the
+    persistent graph cache (see :mod:`adaption_fx.graph_cache`).
     """
+    cache_enabled(cache)  # checks its type
     if isinstance(model, torch.export.ExportedProgram):
         return _from_graph_module(model.module(), type(model).__name__)
     if isinstance(model, torch.fx.GraphModule):
@@ -281,15 +304,73 @@ def capture(model: Any, example_inputs: Any = None) -> CapturedModel:
         dynamic_spec = {n: _auto_dynamic(a) for n, a in zip(names, args, strict=True)}
         dynamic_spec.update({k: _auto_dynamic(v) for k, v in kwargs.items()})
     logger.info("capturing %s with torch.export", type(model).__name__)
-    ep = _export(model, args, kwargs, dynamic_spec)
-    captured = _from_graph_module(ep.module(), type(model).__name__)
+    if hf and example_inputs is None:
+        feed = check_feed(kwargs, masked=True)
+        captured = _capture_hf(model, kwargs, dynamic_spec, feed, "masked", cache)
+    else:
+        ep = _export(model, args, kwargs, dynamic_spec)
+        captured = _from_graph_module(ep.module(), type(model).__name__)
     if hf:
         captured.loss_function = getattr(model, "loss_function", None)
         captured.task_type = "CAUSAL_LM"
         captured.name_or_path = getattr(model, "name_or_path", None) or None
         if example_inputs is None:
-            captured.causal = capture_causal(model, kwargs, dynamic_spec)
+            captured.causal = capture_causal(model, kwargs, dynamic_spec, cache=cache)
+        captured.cache = cache
     return captured
+
+
+def check_feed(example: dict[str, Any], masked: bool) -> dict[str, Any]:
+    """Inputs to check a grown capture on (see :mod:`adaption_fx.repeated`): two rows of
+    varied tokens, the second left-padded by two where the capture takes a mask."""
+    ids = example["input_ids"]
+    tokens = (torch.arange(ids.numel(), device=ids.device).reshape(ids.shape) * 7) % 5 % 2
+    feed = {**example, "input_ids": tokens.to(ids.dtype)}
+    if masked:
+        mask = torch.ones_like(tokens)
+        mask[1:, :2] = 0
+        feed["attention_mask"] = mask
+    return feed
+
+
+def eager_outputs(model: torch.nn.Module, feed: dict[str, Any]) -> Any:
+    """The model's own outputs for ``feed``, in eval mode (as captured), without autograd."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(**feed)
+    finally:
+        model.train(was_training)
+
+
+def graph_outputs(captured: CapturedModel, feed: dict[str, Any]) -> Any:
+    """A capture's outputs for ``feed``, structured like the model's, without autograd."""
+    with torch.no_grad():
+        return captured.unflatten(captured.graph_module(*captured.bind((), feed)))
+
+
+def _capture_hf(
+    model: torch.nn.Module,
+    kwargs: dict[str, Any],
+    dynamic: dict[str, Any],
+    feed: dict[str, Any],
+    what: str,
+    cache: bool,
+) -> CapturedModel:
+    """Capture a Hugging Face model through one of its alike layers where possible (see
+    :mod:`adaption_fx.repeated`), else whole."""
+    name = type(model).__name__
+
+    def capture_one(_layers: Any = None) -> CapturedModel:
+        program = _export(model, (), kwargs, dynamic, what=what, cache=cache)
+        return _from_graph_module(program.module(), name)
+
+    def check(grown: CapturedModel) -> str | None:
+        return same_outputs(graph_outputs(grown, feed), eager_outputs(model, feed))
+
+    grown = capture_once_per_layer(model, capture_one, check)
+    return grown if grown is not None else capture_one()
 
 
 def _only_causal_sdpa(gm: torch.fx.GraphModule) -> str | None:
@@ -309,7 +390,7 @@ def _only_causal_sdpa(gm: torch.fx.GraphModule) -> str | None:
 
 
 def capture_causal(
-    model: torch.nn.Module, kwargs: dict[str, Any], dynamic: dict[str, Any]
+    model: torch.nn.Module, kwargs: dict[str, Any], dynamic: dict[str, Any], *, cache: bool = False
 ) -> CapturedModel | None:
     """Capture a Hugging Face causal LM without ``attention_mask``, its attention as SDPA
     with ``is_causal=True`` and no mask tensor, or return None where that is not what the
@@ -325,11 +406,11 @@ def capture_causal(
             logger.info("no mask-free causal capture: transformers lacks the masking hooks")
             return None
         try:
-            ep = _export(model, (), kwargs, dynamic)
+            feed = check_feed(kwargs, masked=False)
+            causal = _capture_hf(model, kwargs, dynamic, feed, "causal", cache)
         except CaptureError as exc:
             logger.info("no mask-free causal capture: %s", exc)
             return None
-    causal = _from_graph_module(ep.module(), type(model).__name__)
     why_not = _only_causal_sdpa(causal.graph_module)
     if why_not is not None:
         logger.info("no mask-free causal capture of %s: %s", type(model).__name__, why_not)

@@ -22,8 +22,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.utils._pytree as pytree
 
-from adaption_fx.capture import CapturedModel, CaptureError, _device_of, _export, _from_graph_module
+from adaption_fx.capture import (
+    CapturedModel,
+    CaptureError,
+    _device_of,
+    _export,
+    _from_graph_module,
+    eager_outputs,
+    graph_outputs,
+)
+from adaption_fx.repeated import RepeatedLayers, capture_once_per_layer, same_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -187,12 +197,15 @@ def _decode_forward(model: torch.nn.Module, layout: CacheLayout) -> Iterator[Non
             del model.forward
 
 
-def capture_decode(model: torch.nn.Module, max_length: int) -> DecodeCapture:
+def capture_decode(
+    model: torch.nn.Module, max_length: int, *, cache: bool = False
+) -> DecodeCapture:
     """Capture ``model``'s decode step (see the module docstring).
 
     Args:
         model: a Hugging Face causal LM whose forward takes ``past_key_values``.
         max_length: the longest past + new length the graph must take.
+        cache: read the capture from, and write it to, the persistent graph cache.
     """
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 4:
         raise ValueError(f"max_length must be an int >= 4, got {max_length!r}")
@@ -228,15 +241,74 @@ def capture_decode(model: torch.nn.Module, max_length: int) -> DecodeCapture:
         kwargs[name] = tensor
         dynamic[name] = {0: b, 2: p}
     logger.info("capturing the decode step of %s", type(model).__name__)
-    with _decode_forward(model, layout):
-        ep = _export(model, (), kwargs, dynamic)
-    graph_module = ep.module()
-    _drop_export_guards(graph_module)
-    _skip_empty_concatenations(graph_module)
-    captured = _from_graph_module(graph_module, type(model).__name__)
+    name = type(model).__name__
+
+    def capture_with(step_layout: CacheLayout) -> CapturedModel:
+        names = set(step_layout.past_inputs)
+        step_kwargs = {k: v for k, v in kwargs.items() if k in _STEP_INPUTS or k in names}
+        step_dynamic = {k: v for k, v in dynamic.items() if k in step_kwargs}
+        with _decode_forward(model, step_layout):
+            program = _export(model, (), step_kwargs, step_dynamic, what="decode", cache=cache)
+            graph_module = program.module()
+        _drop_export_guards(graph_module)
+        _skip_empty_concatenations(graph_module)
+        return _from_graph_module(graph_module, name)
+
+    def capture_one(layers: RepeatedLayers) -> CapturedModel:
+        if len(set(layout.shapes)) != 1 or layout.num_layers != layers.count:
+            raise CaptureError(
+                f"the cache has {layout.num_layers} layers of shapes {layout.shapes}"
+            )
+        return capture_with(CacheLayout(shapes=layout.shapes[:1], dtype=layout.dtype))
+
+    def grow_options(layers: RepeatedLayers) -> dict:
+        return {
+            "per_layer_inputs": {
+                first: [past_names(i)[k] for i in range(layers.count)]
+                for k, first in enumerate(past_names(0))
+            },
+            "in_spec": _input_spec(layout),
+            "out_spec": _output_spec(layout),
+        }
+
+    def check(grown: CapturedModel) -> str | None:
+        feed = _check_feed(layout, device)
+        with _decode_forward(model, layout):
+            expected = eager_outputs(model, feed)
+        return same_outputs(graph_outputs(grown, feed), expected)
+
+    captured = capture_once_per_layer(model, capture_one, check, grow_options)
+    if captured is None:
+        captured = capture_with(layout)
     captured.fill_attention_mask = False
     captured.validate = _checker(layout)
     return DecodeCapture(captured=captured, layout=layout, max_length=max_length)
+
+
+_STEP_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+def _input_spec(layout: CacheLayout) -> pytree.TreeSpec:
+    names = [*_STEP_INPUTS, *layout.past_inputs]
+    return pytree.tree_flatten(((), dict.fromkeys(names, 0)))[1]
+
+
+def _output_spec(layout: CacheLayout) -> pytree.TreeSpec:
+    return pytree.tree_flatten(dict.fromkeys(["logits", *layout.present_outputs], 0))[1]
+
+
+def _check_feed(layout: CacheLayout, device: torch.device) -> dict[str, torch.Tensor]:
+    """A decode step to check a grown capture on: two rows, a past of three, two new."""
+    g = torch.Generator().manual_seed(1)
+    batch, past, new = 2, 3, 2
+    feed = {
+        "input_ids": torch.randint(0, 2, (batch, new), generator=g).to(device),
+        "attention_mask": torch.ones(batch, past + new, dtype=torch.long, device=device),
+        "position_ids": (torch.arange(new) + past).repeat(batch, 1).to(device),
+    }
+    for name, tensor in zip(layout.past_inputs, layout.filled(batch, past, device), strict=True):
+        feed[name] = torch.randn(tensor.shape, generator=g).to(tensor)
+    return feed
 
 
 def _drop_export_guards(graph_module: torch.fx.GraphModule) -> None:
@@ -292,6 +364,12 @@ def _skip_empty_concatenations(graph_module: torch.fx.GraphModule) -> None:
             node.target == torch.ops.aten.detach_.default and node.args[0].target == fresh
         ):
             graph.erase_node(node)
+    for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
+        value = getattr(graph_module, node.target, None)
+        if isinstance(value, torch.Tensor) and value.numel() == 0:  # the empty tensors
+            graph.erase_node(node)
+            if not any(n.op == "get_attr" and n.target == node.target for n in graph.nodes):
+                delattr(graph_module, node.target)
     graph.lint()
     graph_module.recompile()
 

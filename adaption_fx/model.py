@@ -450,7 +450,7 @@ class AdaptedModel(torch.nn.Module):
                 config = getattr(source, "config", None)
                 max_length = getattr(config, "max_position_embeddings", None) or 2048
             self._captured.check_placement()
-            decode = capture_decode(source, max_length)
+            decode = capture_decode(source, max_length, cache=self._captured.cache)
             sites = locate_attention(decode.captured.graph_module)
             if [s.module_path for s in sites] != [s.module_path for s in self._sites]:
                 raise RuntimeError(

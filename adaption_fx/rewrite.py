@@ -25,6 +25,7 @@ def rewrite(
     example_inputs: Any = None,
     adapter_name: str = "default",
     generator: torch.Generator | None = None,
+    cache: bool = True,
 ) -> AdaptedModel:
     """Give ``model`` LLaMA-Adapter prompts in its top ``config.adapter_layers`` attention layers.
 
@@ -40,6 +41,10 @@ def rewrite(
             causal LMs (input_ids + attention_mask).
         adapter_name: name of the first adapter.
         generator: random generator for the prompt initialisation (default: torch's global).
+        cache: keep Hugging Face causal LMs' torch.export captures (without weights) in the
+            persistent graph cache and reuse them, so that a second process starts in a
+            fraction of the time (see :mod:`adaption_fx.graph_cache`; the environment
+            variable ``ADAPTION_FX_CACHE=0`` also turns it off).
 
     Returns:
         An AdaptedModel sharing the model's weights, which are frozen (requires_grad=False);
@@ -65,7 +70,7 @@ def rewrite(
             "config must be an AdaptionConfig, an adapter checkpoint directory or None, "
             f"got {type(config).__name__}"
         )
-    captured = capture(model, example_inputs)
+    captured = capture(model, example_inputs, cache=cache)
     sites = locate_attention(captured.graph_module)
     logger.info("found %d attention sites: %s", len(sites), [s.module_path for s in sites])
     adapted = AdaptedModel(captured, sites)

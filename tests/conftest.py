@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 
 import pytest
 from helpers import padded_batch, tiny_llama, tiny_mistral
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
+
+# The suite's graph cache lives in a directory of its own, never in the user's ~/.cache;
+# tests of the cache itself point it elsewhere again.
+os.environ.setdefault("ADAPTION_FX_CACHE_DIR", tempfile.mkdtemp(prefix="adaption-fx-test-cache-"))
 
 
 @pytest.fixture

@@ -1,0 +1,152 @@
+"""The persistent graph cache (adaption_fx.graph_cache): a second capture reads the graph
+back and binds the model's own weights; stale and corrupt entries are rebuilt, never used;
+the cache can be turned off and follows XDG_CACHE_HOME."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from helpers import padded_batch, randomize_adapter, tiny_llama
+
+from adaption_fx import AdaptionConfig, rewrite
+from adaption_fx.graph_cache import (
+    ENV_DIRECTORY,
+    ENV_SWITCH,
+    cache_directory,
+    cache_key,
+    clear_cache,
+)
+from adaption_fx.passes.graph_copy import shares_weights
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_DIRECTORY, str(tmp_path / "cache"))
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    return tmp_path / "cache" / "graphs"
+
+
+def _entries(cache_dir):
+    return sorted(p.name.split("-")[0] for p in cache_dir.glob("*.graph"))
+
+
+def _logged(caplog, text):
+    return [r for r in caplog.records if text in r.getMessage()]
+
+
+def test_second_rewrite_reads_every_capture_from_the_cache(cache_dir, caplog):
+    first = rewrite(tiny_llama(), AdaptionConfig(adapter_len=3, adapter_layers=2))
+    first.decoder()
+    assert _entries(cache_dir) == ["causal", "decode", "masked"]
+    model = tiny_llama(seed=5)  # same architecture, other weights
+    with caplog.at_level(logging.INFO, logger="adaption_fx.graph_cache"):
+        again = rewrite(model, AdaptionConfig(adapter_len=3, adapter_layers=2))
+        again.decoder()
+    assert len(_logged(caplog, "loaded the")) == 3
+    assert shares_weights(again.base_graph_module, model)
+    assert shares_weights(again.decoder().base_graph_module, model)
+    # The rotary tables are non-persistent buffers: the model's own objects, not the file's.
+    buffers = dict(again.base_graph_module.named_buffers())
+    assert buffers and all(b is model.get_buffer(n) for n, b in buffers.items())
+    randomize_adapter(again)
+    ids, mask = padded_batch()
+    with caplog.at_level(logging.INFO):
+        fresh = rewrite(model, AdaptionConfig(adapter_len=3, adapter_layers=2), cache=False)
+    fresh.load_state_dict(again.state_dict())
+    assert torch.equal(
+        again(input_ids=ids, attention_mask=mask).logits,
+        fresh(input_ids=ids, attention_mask=mask).logits,
+    )
+    assert torch.equal(again(input_ids=ids).logits, fresh(input_ids=ids).logits)
+    assert torch.equal(
+        again.generate(ids[:1], max_new_tokens=4), fresh.generate(ids[:1], max_new_tokens=4)
+    )
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
+def test_a_corrupt_entry_is_rebuilt_not_used(cache_dir, caplog, damage):
+    rewrite(tiny_llama(), None)
+    path = next(cache_dir.glob("masked-*.graph"))
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[-100] ^= 0xFF
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data = bytearray(b"not a graph at all")
+    path.write_bytes(bytes(data))
+    model = tiny_llama()
+    with caplog.at_level(logging.WARNING, logger="adaption_fx.graph_cache"):
+        adapted = rewrite(model, None)
+    assert _logged(caplog, "is unusable")
+    ids, mask = padded_batch()
+    assert torch.equal(adapted(input_ids=ids, attention_mask=mask).logits, model(ids, mask).logits)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="adaption_fx.graph_cache"):
+        rewrite(model, None)  # the rebuilt entry is whole again
+    assert not _logged(caplog, "is unusable") and _logged(caplog, "loaded the masked")
+
+
+def test_a_stale_entry_is_rebuilt_not_used(cache_dir, caplog):
+    rewrite(tiny_llama(), None)
+    own = next(cache_dir.glob("masked-*.graph"))
+    clear_cache()
+    rewrite(tiny_llama(hidden_size=32, intermediate_size=48), None)
+    other = next(cache_dir.glob("masked-*.graph"))
+    own.write_bytes(other.read_bytes())  # another model's graph under this model's name
+    model = tiny_llama()
+    with caplog.at_level(logging.WARNING, logger="adaption_fx.graph_cache"):
+        adapted = rewrite(model, None)
+    assert _logged(caplog, "stale")
+    ids, mask = padded_batch()
+    assert torch.equal(adapted(input_ids=ids, attention_mask=mask).logits, model(ids, mask).logits)
+
+
+def test_the_key_follows_what_changes_the_graph():
+    model = tiny_llama()
+    args = ((), {"input_ids": torch.ones(2, 8, dtype=torch.long)}, None, "masked")
+    key = cache_key(model, *args)
+    assert cache_key(tiny_llama(seed=3), *args) == key  # weights do not change the graph
+    assert cache_key(tiny_llama(rope_theta=500.0), *args) != key
+    assert cache_key(tiny_llama().to(torch.float64), *args) != key
+    assert cache_key(model, (), args[1], None, "causal") != key
+    tied = tiny_llama(tie_word_embeddings=True)
+    assert cache_key(tied, *args) != cache_key(tiny_llama(tie_word_embeddings=False), *args)
+    model.config._attn_implementation = "eager"
+    assert cache_key(model, *args) != key
+
+
+def test_cache_off_by_argument_and_by_environment(cache_dir, monkeypatch):
+    rewrite(tiny_llama(), None, cache=False)
+    assert not cache_dir.exists()
+    monkeypatch.setenv(ENV_SWITCH, "0")
+    rewrite(tiny_llama(), None)
+    assert not cache_dir.exists()
+    with pytest.raises(TypeError, match="cache must be a bool"):
+        rewrite(tiny_llama(), None, cache="yes")
+
+
+def test_location_follows_xdg_and_clear_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV_DIRECTORY, raising=False)
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_directory() == tmp_path / "xdg" / "adaption-fx" / "graphs"
+    rewrite(tiny_llama(), None)
+    assert len(list(cache_directory().glob("*.graph"))) == 2
+    assert clear_cache() == 2
+    assert not list(cache_directory().glob("*.graph"))
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_directory() == tmp_path / "home" / ".cache" / "adaption-fx" / "graphs"
+
+
+def test_an_unwritable_cache_does_not_fail_the_capture(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache directory would go")
+    monkeypatch.setenv(ENV_DIRECTORY, str(blocker))
+    model = tiny_llama()
+    adapted = rewrite(model, None)
+    ids, mask = padded_batch()
+    assert torch.equal(adapted(input_ids=ids, attention_mask=mask).logits, model(ids, mask).logits)
