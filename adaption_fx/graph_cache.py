@@ -266,9 +266,7 @@ def _deserialize(blobs: list[bytes], model: torch.nn.Module) -> torch.export.Exp
     constants = {
         k: own.get(k, v) if isinstance(v, torch.Tensor) else v for k, v in constants.items()
     }
-    return serde.ExportedProgramDeserializer().deserialize(
-        schema, state, constants, examples_bytes
-    )
+    return serde.ExportedProgramDeserializer().deserialize(schema, state, constants, examples_bytes)
 
 
 def cached_export(

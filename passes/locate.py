@@ -51,11 +51,15 @@ def module_path_of(node: torch.fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
-    path = list(stack.values())[-1][0]
+    return plain_module_path(list(stack.values())[-1][0])
+
+
+def plain_module_path(path: str) -> str:
+    """An ``nn_module_stack`` entry's path as a module path (``model.layers.0``)."""
     # strict-mode export spells the root as L['self']; non-strict gives plain paths.
     for prefix in ("L['self'].", "L__self__."):
         if path.startswith(prefix):
-            path = path[len(prefix) :]
+            return path[len(prefix) :]
     return path
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.fx
 
 from adaption_fx.passes.errors import UnsupportedGraphError
-from adaption_fx.passes.locate import within
+from adaption_fx.passes.locate import plain_module_path, within
 
 
 class ReplicationError(UnsupportedGraphError):
@@ -39,15 +39,7 @@ def _in_layer(node: torch.fx.Node, layer_path: str) -> bool:
     if node.op != "call_function":
         return False
     stack = node.meta.get("nn_module_stack") or {}
-    return any(within(module_path_of_entry(path), layer_path) for path, _ in stack.values())
-
-
-def module_path_of_entry(path: str) -> str:
-    # The same spelling rules as locate.module_path_of, for one stack entry.
-    for prefix in ("L['self'].", "L__self__."):
-        if path.startswith(prefix):
-            return path[len(prefix) :]
-    return path
+    return any(within(plain_module_path(path), layer_path) for path, _ in stack.values())
 
 
 def layer_region(graph: torch.fx.Graph, layer_path: str) -> list[torch.fx.Node]:
@@ -88,7 +80,7 @@ def _same_meta(a: torch.fx.Node, b: torch.fx.Node) -> bool:
 def _renamed_stack(stack: dict, old: str, new: str) -> dict:
     renamed = {}
     for key, (path, cls) in stack.items():
-        plain = module_path_of_entry(path)
+        plain = plain_module_path(path)
         if within(plain, old):
             path = path[: len(path) - len(plain)] + new + plain[len(old) :]
             key = key.replace(old, new, 1)
