@@ -417,6 +417,7 @@ def _export_parser(sub: Any) -> None:
         help="adapter tensors as graph inputs: one file for every adapter of this "
         "shape (a .adapter.onnx companion maps a checkpoint to them)",
     )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_export)
 
 
@@ -435,6 +436,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         out,
         for_generation=args.for_generation,
         adapter_as_inputs=args.adapter_as_inputs,
+        progress=False if args.quiet else None,
     )
     files = sorted(p for p in written.parent.iterdir() if p.name.startswith(written.name[:-5]))
     for path in files:

@@ -11,21 +11,28 @@ directory without PyTorch weights.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import operator
 import os
 import shutil
+import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
+from tqdm.auto import tqdm
 
 from adaption_fx.model import AdaptedModel
+from adaption_fx.passes.cleanup import functionalize_fresh_inplace, is_functional
 from adaption_fx.passes.fold import adapter_projection, fold_adapter_kv
 from adaption_fx.passes.insert import AdaptionGraph
 
@@ -188,6 +195,380 @@ def _quiet_exporter() -> Iterator[None]:
         registration.setLevel(level)
 
 
+# --------------------------------------------------------------------- direct translation
+# torch.onnx.export of the graph would trace it again (torch.export of a _FlatCall), trace it a
+# third time to decompose it, translate it, then run onnxscript's optimizer: about 99 s for
+# the embedded 30-layer model, nearly all of it the two traces and the optimizer's pattern
+# matching. The captured graph is already a flat ATen graph with fake-tensor metadata, so it
+# is translated directly, node by node, with the exporter's own translation (torchlib). What
+# the decompositions would do to such a graph is done here for the few ops that need it
+# (tensor conversions, operator aliases, assertions). Of the optimizer, the cheap passes run
+# (constant folding, common subexpressions, weights stored transposed); ONNX Runtime's own
+# graph optimisations do the rest at session start (same logits, bit for bit, and the same
+# generation speed on the embedded model). A graph holding anything else (an op torchlib
+# lacks, a mutation, a submodule) goes through torch.onnx.export instead.
+
+_aten = torch.ops.aten
+# Runtime checks that say nothing to ONNX (torch.onnx.export drops them too).
+_ASSERTIONS = frozenset(
+    {
+        _aten._assert_tensor_metadata.default,
+        _aten._assert_scalar.default,
+        _aten._assert_async.default,
+        _aten._assert_async.msg,
+        _aten.sym_constrain_range_for_size.default,
+    }
+)
+# Operator aliases the decompositions would rename; torchlib registers the other name.
+_ALIASES = {
+    _aten.__and__.Tensor: _aten.bitwise_and.Tensor,
+    _aten.__or__.Tensor: _aten.bitwise_or.Tensor,
+    _aten.__xor__.Tensor: _aten.bitwise_xor.Tensor,
+}
+# Bytes of weights above which torch.onnx writes external data (ONNXProgram.save's rule).
+_EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
+
+
+class _NotDirect(Exception):
+    """The direct translation does not cover this graph; torch.onnx.export does."""
+
+
+@functools.cache
+def _registry(opset_version: int) -> Any:
+    from torch.onnx._internal.exporter import _registration
+
+    with _quiet_exporter():
+        return _registration.ONNXRegistry.from_torchlib(opset_version=opset_version)
+
+
+@dataclass
+class _DirectGraph:
+    graph: torch.fx.Graph
+    inputs: list[torch.fx.Node]  # the ONNX graph inputs, in order
+    weights: list[tuple[torch.fx.Node, str, torch.Tensor]]  # placeholder, initializer, value
+
+
+def _attribute(module: torch.nn.Module, target: str) -> Any:
+    value: Any = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _direct_graph(module: _FlatCall, args: tuple, prefix: str, static: bool) -> _DirectGraph:
+    """A copy of the wrapper's graph to translate: its inputs as placeholders, every tensor
+    attribute and baked adapter tensor as a placeholder that becomes an initializer (named
+    ``prefix`` + its attribute path), captured constants (``use_cache=False``) filled in,
+    and every node's ``meta["val"]`` set.
+
+    A captured graph keeps the fake tensors (symbolic batch and sequence sizes) of its
+    capture, and only the nodes our passes inserted are run on fake tensors for theirs. A
+    graph whose inputs have none (the adapter projection) is run on fake copies of
+    ``args``, every node, so its sizes are those of ``args``: only where no size is to be
+    dynamic (``static``)."""
+    from torch._dispatch.python import enable_python_dispatcher
+    from torch._guards import detect_fake_mode
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import extract_val
+
+    gm = module.graph_module
+    source = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    fake_mode = detect_fake_mode([n.meta["val"] for n in source if "val" in n.meta])
+    fresh = fake_mode is None
+    if fresh:
+        if not static:
+            raise _NotDirect("the graph's inputs have no fake tensors with dynamic sizes")
+        fake_mode = FakeTensorMode()
+    baked = {name: getattr(module, name) for name in module.buffer_names}
+    n_inputs = sum(kind == "input" for kind, _ in module.layout)
+    expected = len(module.layout) + len(args) - n_inputs + len(baked)
+    if len(source) != expected:
+        raise _NotDirect(f"the graph takes {len(source)} inputs, the wrapper passes {expected}")
+
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, Any] = {}
+    inputs: list[torch.fx.Node] = []
+    weights: list[tuple[torch.fx.Node, str, torch.Tensor]] = []
+
+    def placeholder(node: torch.fx.Node, value: torch.Tensor, fixed: bool) -> torch.fx.Node:
+        """``fixed``: the input's sizes never vary (weights, adapter tensors)."""
+        new = graph.placeholder(node.name)
+        new.meta = dict(node.meta)
+        if fresh or not isinstance(new.meta.get("val"), (FakeTensor, torch.SymInt)):
+            if not (fixed or fresh):
+                raise _NotDirect(f"input {node.name} has no fake tensor")
+            new.meta["val"] = fake_mode.from_tensor(value, static_shapes=True)
+        env[node] = new
+        return new
+
+    feed, given = iter(source), iter(args)
+    for kind, value in module.layout:
+        node = next(feed)
+        if kind == "const":
+            env[node] = value
+        else:
+            inputs.append(placeholder(node, next(given), fixed=False))
+    for value in given:  # the adapter inputs
+        inputs.append(placeholder(next(feed), value, fixed=True))
+    for name, value in baked.items():
+        weights.append((placeholder(next(feed), value, fixed=True), name, value.detach()))
+    lifted: dict[int, torch.fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = _attribute(gm, node.target)
+        if not isinstance(value, torch.Tensor):
+            raise _NotDirect(f"get_attr {node.target} is a {type(value).__name__}")
+        if id(value) in lifted:  # tied weights: one initializer
+            env[node] = lifted[id(value)]
+            continue
+        new = placeholder(node, value, fixed=True)
+        lifted[id(value)] = new
+        weights.append((new, prefix + node.target, value.detach()))
+
+    def val(arg: Any) -> Any:
+        return pytree.tree_map_only(torch.fx.Node, lambda n: n.meta["val"], arg)
+
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            continue
+        if node.op == "output":
+            graph.output(pytree.tree_map_only(torch.fx.Node, env.__getitem__, node.args[0]))
+            continue
+        if node.op == "call_module" and not node.users:
+            continue  # torch.export's input guards (_guards_fn): nothing to compute
+        if node.op != "call_function":
+            raise _NotDirect(f"{node.op} node {node.name}")
+        target = node.target
+        if target in _ASSERTIONS:
+            continue
+        args_ = pytree.tree_map_only(torch.fx.Node, env.__getitem__, node.args)
+        kwargs = pytree.tree_map_only(torch.fx.Node, env.__getitem__, node.kwargs)
+        meta = dict(node.meta)
+        if fresh or "val" not in meta:
+            with fake_mode, enable_python_dispatcher():
+                meta["val"] = extract_val(target(*val(args_), **val(kwargs)))
+        if getattr(target, "overloadpacket", None) is _aten.to:
+            # aten.to is an alias when the dtype stays, else a copy to the new dtype (the
+            # device is the session's); its meta holds the dtype either way.
+            source_val, out = args_[0].meta["val"], meta["val"]
+            if source_val.dtype == out.dtype:
+                env[node] = args_[0]
+                continue
+            target, args_, kwargs = _aten._to_copy.default, (args_[0],), {"dtype": out.dtype}
+        new = graph.call_function(_ALIASES.get(target, target), tuple(args_), kwargs)
+        new.meta = meta
+        env[node] = new
+    # transformers 4.x builds mask indices in place on fresh tensors (arange(n).add_(k)).
+    functionalize_fresh_inplace(graph)
+    if not is_functional(graph):
+        mutating = next(
+            n.target
+            for n in graph.nodes
+            if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+        )
+        raise _NotDirect(f"{mutating} mutates its input")
+    return _DirectGraph(graph, inputs, weights)
+
+
+def _promotion_needed(graph: torch.fx.Graph) -> bool:
+    """Whether the exporter's type-promotion pass would insert a cast anywhere: the pass
+    runs every node again under fake tensors, where this reads the nodes' metadata."""
+    from torch.onnx._internal.fx import type_utils
+    from torch.onnx._internal.fx.passes import type_promotion
+
+    table = type_promotion.TypePromotionTable()
+
+    def differs(value: Any, dtype: torch.dtype) -> bool:
+        if isinstance(value, torch.Tensor):
+            return value.dtype != dtype
+        if isinstance(value, (list, tuple)):
+            return any(differs(v, dtype) for v in value)
+        same = type_utils.from_scalar_type_to_torch_dtype(type(value))
+        return same is not None and same != dtype
+
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        rule = type_promotion.get_type_promotion_rule(node, table)
+        if rule is None:
+            continue
+        args, kwargs = pytree.tree_map_only(
+            torch.fx.Node, lambda n: n.meta["val"], (node.args, node.kwargs)
+        )
+        info = rule.preview_type_promotion(args, kwargs)
+        wanted = [(a, info.args_dtypes.get(i)) for i, a in enumerate(args)]
+        wanted += [(v, info.kwargs_dtypes.get(k)) for k, v in kwargs.items()]
+        if any(dtype is not None and differs(a, dtype) for a, dtype in wanted):
+            return True
+    return False
+
+
+def _dim_names(dynamic_shapes: Any) -> list[dict[int, str]]:
+    """Per input: axis -> the name its torch.export.Dim was given (Dim.AUTO has none)."""
+    names = []
+    for spec in dynamic_shapes[0] if dynamic_shapes else ():
+        named = {}
+        for axis, dim in (spec or {}).items():
+            name = getattr(dim, "__name__", None)
+            if isinstance(name, str):
+                named[axis] = name
+        names.append(named)
+    return names
+
+
+@contextlib.contextmanager
+def _lean_translation() -> Iterator[None]:
+    """Two shortcuts in the exporter's per-node translation, which otherwise costs more
+    than twice as long here:
+    - no per-node provenance (the FX node printed, its stack trace, its module scope) in
+      node metadata: over 10 MB for the embedded model, describing the capture, not the
+      file;
+    - each ONNX op's signature built once, not at every call (onnxscript's own ``Op``
+      objects keep theirs the same way; nothing changes a signature).
+    """
+    from onnxscript import ir
+    from torch.onnx._internal.exporter import _core
+
+    signature = ir.schemas.OpSignature
+    build = signature.from_op_schema
+    built: dict[tuple[str, str, int], Any] = {}
+
+    def from_op_schema(schema: Any) -> Any:
+        key = (schema.domain, schema.name, schema.since_version)
+        if key not in built:
+            built[key] = build(schema)
+        return built[key]
+
+    with (
+        mock.patch.object(_core, "_set_node_metadata", lambda fx_node, ir_node: None),
+        mock.patch.object(signature, "from_op_schema", staticmethod(from_op_schema)),
+    ):
+        yield
+
+
+def _translate(
+    module: _FlatCall,
+    args: tuple,
+    *,
+    prefix: str,
+    input_names: list[str],
+    output_names: list[str] | None,
+    dynamic_shapes: Any,
+    opset: int | None,
+) -> Any:
+    """The ONNX model (``onnx_ir.Model``) of a _FlatCall's graph, translated directly."""
+    from onnxscript import ir
+    from torch.onnx._internal._lazy_import import onnxscript_apis
+    from torch.onnx._internal.exporter import _constants, _core, _fx_passes, _ir_passes
+
+    static = not any(dynamic_shapes[0]) if dynamic_shapes else True
+    direct = _direct_graph(module, args, prefix, static)
+    if _promotion_needed(direct.graph):
+        _fx_passes.insert_type_promotion_nodes(
+            torch.fx.GraphModule(torch.nn.Module(), direct.graph)
+        )
+    registry = _registry(max(opset or 0, _constants.TORCHLIB_OPSET))
+    for node in direct.graph.nodes:
+        if (
+            node.op == "call_function"
+            and node.target is not operator.getitem
+            and not registry.is_registered(node.target)
+        ):
+            raise _NotDirect(f"torchlib has no translation of {node.target}")
+
+    model = ir.Model(
+        ir.Graph([], [], nodes=[], name="main_graph"),
+        ir_version=_constants.ONNX_IR_VERSION,
+        producer_name="pytorch",
+        producer_version=torch.__version__,
+    )
+    with _quiet_exporter(), _lean_translation():
+        values = _core._translate_fx_graph(
+            direct.graph,
+            model,
+            graph_like=model.graph,
+            owned_graphs={},
+            lower="at_conversion",
+            registry=registry,
+        )
+    model.graph.inputs.clear()
+    model.graph.inputs.extend(values[node.name] for node in direct.inputs)
+    for node, name, tensor in direct.weights:
+        value = values[node.name]
+        value.name = name
+        value.const_value = _core.TorchTensor(tensor, name=name)
+        model.graph.initializers[name] = value
+    _ir_passes.add_opset_imports(model)
+    _fold_weight_transposes(model)
+    _simplify(model)
+    # A graph output that is an input or another output gets an Identity node of its own,
+    # so that naming the outputs below renames no input.
+    ir.passes.common.OutputFixPass()(model)
+    _ir_passes.rename_inputs(model, input_names)
+    if output_names:
+        _ir_passes.rename_outputs(model, output_names)
+    renames = {}
+    for value, axes in zip(model.graph.inputs, _dim_names(dynamic_shapes), strict=False):
+        for axis, name in axes.items():
+            dim = value.shape[axis] if value.shape is not None else None
+            if isinstance(dim, ir.SymbolicDim) and dim.value is not None:
+                renames[dim.value] = name
+    _ir_passes.rename_axis(model, renames)
+    if opset is not None:
+        model = onnxscript_apis.convert_version(model, opset)
+    return model
+
+
+def _simplify(model: Any) -> None:
+    """Fold constants (shape arithmetic, scalar casts) and merge repeated subexpressions:
+    the cheap part of onnxscript's optimizer (its pattern rewrites cost minutes here). It
+    more than halves the node count, so ONNX Runtime starts a session sooner."""
+    from onnxscript import ir, optimizer
+
+    optimizer.fold_constants_ir(model, onnx_shape_inference=False)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    ir.passes.common.CommonSubexpressionEliminationPass()(model)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+
+
+def _fold_weight_transposes(model: Any) -> None:
+    """Store each weight that is only read transposed (a linear layer's ``MatMul(x, Wᵀ)``)
+    transposed, as onnxscript's optimizer did: the session then starts without transposing
+    it, and a MatMul reads an initializer directly. A weight read otherwise too (a tied
+    embedding) stays as it is rather than being stored twice."""
+    from onnxscript import ir
+    from torch.onnx._internal.exporter import _core
+
+    graph = model.graph
+    for source in list(graph.initializers.values()):
+        tensor = source.const_value
+        readers = [use.node for use in source.uses()]
+        if not isinstance(tensor, _core.TorchTensor) or not readers or source in graph.outputs:
+            continue
+        perms = set()
+        for node in readers:
+            if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+                break
+            perm = node.attributes.get_ints("perm")
+            perms.add(tuple(perm) if perm is not None else None)
+        else:
+            if len(perms) != 1 or any(node.outputs[0] in graph.outputs for node in readers):
+                continue
+            (perm,) = perms
+            raw = tensor.raw
+            permuted = raw.permute(*(perm or reversed(range(raw.dim()))))
+            name = f"{source.name}.T"
+            value = ir.Value(name=name, const_value=_core.TorchTensor(permuted, name=name))
+            value.shape = value.const_value.shape
+            value.type = ir.TensorType(value.const_value.dtype)
+            for node in readers:
+                node.outputs[0].replace_all_uses_with(value)
+                graph.remove(node, safe=True)
+            del graph.initializers[source.name]
+            graph.register_initializer(value)
+
+
 def _export(
     module: torch.nn.Module,
     args: tuple,
@@ -196,12 +577,42 @@ def _export(
     output_names: list[str] | None,
     dynamic_shapes: Any,
     opset: int | None,
-):
+) -> Any:
+    """The ONNX model (``onnx_ir.Model``) of ``module`` called with ``args``: translated
+    directly for an FX graph (or a _FlatCall's) where that covers it, else by
+    torch.onnx.export. Weights keep the names torch.onnx.export gives them (``.T`` added
+    to those stored transposed)."""
+    direct: _FlatCall | None = None
+    if isinstance(module, _FlatCall):
+        direct, prefix = module, "graph_module."
+    elif isinstance(module, torch.fx.GraphModule):
+        n_inputs = sum(node.op == "placeholder" for node in module.graph.nodes)
+        direct, prefix = _FlatCall(module, [("input", None)] * n_inputs, {}), ""
+    if direct is not None:
+        try:
+            return _translate(
+                direct,
+                args,
+                prefix=prefix,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes=dynamic_shapes,
+                opset=opset,
+            )
+        except _NotDirect as exc:
+            logger.info("exporting with torch.onnx.export (slower): %s", exc)
+        except Exception as exc:  # a translation this graph trips: the exporter may not
+            logger.warning(
+                "direct ONNX translation failed (%s: %s); exporting with torch.onnx.export "
+                "(slower)",
+                type(exc).__name__,
+                exc,
+            )
     kwargs: dict[str, Any] = {}
     if opset is not None:
         kwargs["opset_version"] = opset
     with _quiet_exporter():
-        return torch.onnx.export(
+        program = torch.onnx.export(
             module,
             args,
             dynamo=True,
@@ -211,6 +622,130 @@ def _export(
             verbose=False,
             **kwargs,
         )
+    return program.model
+
+
+def _save(model: Any, path: Path, external_data: bool | None) -> None:
+    from onnxscript import ir
+
+    if external_data is None:
+        size = sum(
+            v.const_value.nbytes
+            for v in model.graph.initializers.values()
+            if v.const_value is not None
+        )
+        external_data = size > _EXTERNAL_DATA_THRESHOLD
+    if external_data:
+        ir.save(model, path, external_data=path.name + ".data")
+    elif not _write_streamed(model, path):
+        ir.save(model, path)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+# Protobuf keys (field number << 3 | 2, length-delimited): ModelProto.graph,
+# GraphProto.initializer, TensorProto.raw_data.
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = b"\x3a", b"\x2a", b"\x4a"
+
+
+def _write_streamed(model: Any, path: Path) -> bool:
+    """Write ``model`` as one .onnx file, its weights copied from their tensors straight
+    into the file; False (nothing written) where a weight is not plain numbers.
+
+    ``onnx_ir.save`` builds the whole ModelProto in memory (each weight copied into it) and
+    serialises that (copied again): most of the save time for a 500 MB model. Here the
+    model is serialised without its initializers, and the graph message is written as that
+    graph's fields followed by one ``initializer`` entry per weight: a TensorProto header
+    (name, type, dims) and its ``raw_data``. Field order is free in protobuf, so this is
+    the same message, and what ``onnx.load`` reads back equals the model.
+    """
+    import onnx
+    from onnxscript import ir
+    from torch.onnx._internal.exporter import _core
+
+    graph = model.graph
+    values = list(graph.initializers.values())
+    if sys.byteorder != "little" or any(
+        v.const_value is None or v.const_value.dtype == ir.DataType.STRING for v in values
+    ):
+        return False
+    graph.initializers.clear()
+    try:
+        proto = ir.to_proto(model)
+    finally:
+        for value in values:
+            graph.initializers.add(value)
+    graph_fields = proto.graph.SerializeToString()
+    proto.ClearField("graph")
+
+    def data(tensor: Any) -> Any:
+        if isinstance(tensor, _core.TorchTensor):  # its memory as bytes, copied if strided
+            raw = tensor.raw.detach().cpu().contiguous()
+            return raw.reshape(-1).view(torch.uint8).numpy() if raw.numel() else b""
+        return tensor.tobytes()
+
+    entries = []  # (value, header, raw_data if already made, raw_data size)
+    for value in values:
+        tensor = value.const_value
+        if isinstance(tensor, _core.TorchTensor):
+            made, size = None, tensor.raw.numel() * tensor.raw.element_size()
+        else:
+            made = data(tensor)
+            size = len(made)
+        header = onnx.TensorProto(
+            name=value.name, data_type=tensor.dtype.value, dims=[int(d) for d in tensor.shape]
+        ).SerializeToString()
+        entries.append((value, header + _TENSOR_RAW_DATA + _varint(size), made, size))
+    lengths = [len(header) + size for _, header, _, size in entries]
+    graph_size = len(graph_fields) + sum(
+        len(_GRAPH_INITIALIZER) + len(_varint(length)) + length for length in lengths
+    )
+    with open(path, "wb") as handle:
+        handle.write(proto.SerializeToString())
+        handle.write(_MODEL_GRAPH + _varint(graph_size))
+        handle.write(graph_fields)
+        for (value, header, made, size), length in zip(entries, lengths, strict=True):
+            raw_data = data(value.const_value) if made is None else made
+            if len(memoryview(raw_data).cast("B")) != size:
+                raise RuntimeError(f"{value.name}: {size} bytes expected")
+            handle.write(_GRAPH_INITIALIZER + _varint(length))
+            handle.write(header)
+            handle.write(raw_data)
+    return True
+
+
+class _Stages:
+    """A tqdm bar over the export's stages, named as each starts."""
+
+    def __init__(self, names: list[str], progress: bool | None):
+        # disable=None: shown only on a terminal.
+        self.bar = tqdm(
+            total=len(names),
+            desc="ONNX export",
+            unit="stage",
+            disable=None if progress is None else not progress,
+            dynamic_ncols=True,
+        )
+        self.started = False
+
+    def __call__(self, name: str) -> None:
+        if self.started:
+            self.bar.update()
+        self.started = True
+        self.bar.set_postfix_str(name)
+
+    def close(self, finished: bool) -> None:
+        if finished:
+            self.bar.update()
+            self.bar.set_postfix_str("done")
+        self.bar.close()
 
 
 def to_onnx(
@@ -224,6 +759,7 @@ def to_onnx(
     external_data: bool | None = None,
     example_inputs: dict[str, torch.Tensor] | None = None,
     for_generation: bool = False,
+    progress: bool | None = None,
 ) -> Path:
     """Export the graph ``model`` runs now to an ONNX file.
 
@@ -251,13 +787,12 @@ def to_onnx(
             with ``OrtModel.generate``. The source model's generation defaults
             (``AdaptedModel.default_token_ids``: eos and pad ids) are stored with it, as
             ``eos_token_id`` and ``pad_token_id`` in the metadata's ``generation`` entry.
+        progress: show a tqdm bar over the export's stages. None: only on a terminal.
 
     Returns:
         The path written. The file is checked with ``onnx.checker``; batch and sequence
         axes are dynamic; its metadata (key ``adaption_fx``) describes the inputs.
     """
-    import onnx
-
     if not isinstance(model, AdaptedModel):
         raise TypeError(f"to_onnx expects an AdaptedModel, got {type(model).__name__}")
     path = Path(path)
@@ -269,8 +804,56 @@ def to_onnx(
     # Read from the model the caller holds, not from the decode-step twin below: the twin
     # has no source model to read them from.
     eos_token_id, pad_token_id = model.default_token_ids
+    projecting = adapter_as_inputs and fold
+    stages = _Stages(
+        ["capture the decode step"] * for_generation
+        + ["prepare the graph", "translate to ONNX"]
+        + ["export the adapter projection"] * projecting
+        + ["save", "check"],
+        progress,
+    )
+    finished = False
+    try:
+        path = _write(
+            model,
+            path,
+            stages,
+            adapter_as_inputs=adapter_as_inputs,
+            fold=fold,
+            opset=opset,
+            adapter_name=adapter_name,
+            external_data=external_data,
+            example_inputs=example_inputs,
+            for_generation=for_generation,
+            token_ids=(eos_token_id, pad_token_id),
+        )
+        finished = True
+    finally:
+        stages.close(finished)
+    return path
+
+
+def _write(
+    model: AdaptedModel,
+    path: Path,
+    stage: Callable[[str], None],
+    *,
+    adapter_as_inputs: bool,
+    fold: bool,
+    opset: int | None,
+    adapter_name: str | None,
+    external_data: bool | None,
+    example_inputs: dict[str, torch.Tensor] | None,
+    for_generation: bool,
+    token_ids: tuple[Any, Any],
+) -> Path:
+    import onnx
+
+    eos_token_id, pad_token_id = token_ids
     if for_generation:
+        stage("capture the decode step")
         model = model.decoder()
+    stage("prepare the graph")
     plan = _plan(model, adapter_name, adapter_as_inputs, fold)
     layout, names, examples = _model_inputs(model, example_inputs)
     wrapper = _FlatCall(plan.graph_module, layout, plan.baked)
@@ -285,7 +868,8 @@ def to_onnx(
     dynamic = _dynamic_shapes(names, examples, hf, decode=for_generation)
     dynamic += [None] * len(adapter_examples)
     logger.info("exporting %s to %s", plan.adapter["name"] if plan.adapter else "base", path)
-    program = _export(
+    stage("translate to ONNX")
+    onnx_model = _export(
         wrapper,
         tuple(examples + adapter_examples),
         input_names=names + plan.adapter_inputs,
@@ -296,6 +880,7 @@ def to_onnx(
     projection_name = None
     projection = None
     if adapter_as_inputs and plan.folded:
+        stage("export the adapter projection")
         proj_module, proj_outputs = adapter_projection(plan.source)
         proj_module.training = False
         projection = _export(
@@ -331,14 +916,17 @@ def to_onnx(
             "eos_token_id": eos_token_id,
             "pad_token_id": pad_token_id,
         }
-    program.model.metadata_props[METADATA_KEY] = json.dumps(metadata)
+    onnx_model.metadata_props[METADATA_KEY] = json.dumps(metadata)
 
+    stage("save")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        program.save(str(tmp / path.name), external_data=external_data)
+        _save(onnx_model, tmp / path.name, external_data)
         if projection is not None:
-            projection.save(str(tmp / projection_name))
+            _save(projection, tmp / projection_name, None)
+        stage("check")
+        # By path: the checker reads the file itself (and any external data beside it).
         onnx.checker.check_model(str(tmp / path.name))
         # Companions first, the main file last: a reader never sees a new .onnx without
         # the files it refers to.

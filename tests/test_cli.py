@@ -476,13 +476,24 @@ def test_generate_sampling_follows_the_seed(models, adapted, trained, capsys):
 
 
 def test_export_for_generation_then_generate_in_onnx_runtime(
-    models, trained, trained_answers, tmp_path, capsys
+    models, trained, trained_answers, tmp_path, capsys, monkeypatch
 ):
+    import adaption_fx.export
+
+    progress = []
+    original = adaption_fx.export.to_onnx
+
+    def spy(*args, **kwargs):
+        progress.append(kwargs.get("progress"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(adaption_fx.export, "to_onnx", spy)
     path = tmp_path / "adapted.onnx"
     argv = ["export", "--model", models.base, "--adapter", trained.out, "--out", path]
-    code, out, err = run(capsys, *argv, "--for-generation")
+    code, out, err = run(capsys, *argv, "--for-generation", "--quiet")
     assert code == 0, err
     assert path.is_file() and f"wrote {path} (" in out
+    assert progress == [False]  # --quiet: no progress bar
     argv = ["generate", "--model", models.base, "--onnx", path, "--max-new-tokens", NEW]
     code, out, err = run(capsys, *argv, *PROMPTS)
     assert code == 0, err
