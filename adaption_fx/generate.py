@@ -11,12 +11,35 @@ Face's do.
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 import math
+import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from adaption_fx.passes.cleanup import (
+    drop_noop_nodes,
+    eliminate_common_subexpressions,
+    eliminate_dead_code,
+    functionalize_fresh_inplace,
+    is_functional,
+)
+from adaption_fx.passes.codegen import GraphFunction
+from adaption_fx.passes.fast_attention import (
+    drop_attention_masks,
+    float_attention_masks,
+    native_gqa,
+    pack_single_query,
+    serial_adapter_attention,
+)
+from adaption_fx.passes.graph_copy import copy_flat_graph
+from adaption_fx.passes.hoist import hoist_invariant
+from adaption_fx.passes.rotary import roll_rotate_half
 
 if TYPE_CHECKING:
     from adaption_fx.model import AdaptedModel
@@ -107,12 +130,143 @@ class DecodeSession(Protocol):
         (batch, vocab) and extend the cache with the new tokens' keys and values."""
 
 
+class _StepProgram:
+    """The folded decode step, prepared for one eager call per token.
+
+    The graph torch.export captured is rewritten (see ``adaption_fx.passes.cleanup``,
+    ``adaption_fx.passes.fast_attention`` and ``adaption_fx.passes.rotary``) into one
+    variant per kind of step:
+
+    - ``"decode"``: one new token, no padding: attention without a mask, as transformers
+      runs it eagerly;
+    - ``"prefill"``: no past, no padding: attention with ``is_causal`` and no mask;
+    - ``"decode_masked"``: one new token, padded rows: the query heads packed per key/value
+      head (transformers' ``pack_gqa``), the mask converted to float once per step;
+    - ``"masked"``: anything else (the graph's own masked attention, mask converted once).
+
+    Each variant's adapter-only values are hoisted into a prologue that runs once per
+    session (:func:`adaption_fx.passes.hoist.hoist_invariant`), and both parts are compiled
+    to plain Python functions (:class:`adaption_fx.passes.codegen.GraphFunction`). A
+    variant whose masks are not plain causal-and-padding (a sliding window, say) is the
+    masked one. Variants are built on first use and kept with the graph.
+    """
+
+    KINDS = ("decode", "prefill", "decode_masked", "masked")
+    FALLBACK: ClassVar[dict[str, str]] = {"decode": "decode_masked", "prefill": "masked"}
+
+    def __init__(self, graph_module: torch.fx.GraphModule, captured: Any, layout: Any):
+        # Weakly: programs are kept in a WeakKeyDictionary keyed by this graph module.
+        self._graph_module = weakref.ref(graph_module)
+        placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
+        n_model = captured.in_spec.num_leaves
+        # The flat position of each named input, read through the capture's own flatten.
+        markers = {name: object() for name in captured.keyword_names}
+        flat = captured.flatten((), markers)
+        flat_names = {id(m): name for name, m in markers.items()}
+        model_names = [flat_names[id(m)] for m in flat]
+        self.input_names = ["input_ids", "attention_mask", "position_ids", *layout.past_inputs]
+        if sorted(model_names) != sorted(self.input_names) or len(placeholders) < n_model:
+            raise ValueError("the decode step's inputs are not the expected ones")
+        self.model_placeholders = dict(
+            zip(model_names, (p.name for p in placeholders[:n_model]), strict=True)
+        )
+        self.invariant = [p.name for p in placeholders[n_model:]]
+        outputs = pytree.tree_unflatten(
+            list(range(captured.out_spec.num_leaves)), captured.out_spec
+        )
+        self.logits_index = outputs["logits"]
+        self.present_indices = [outputs[name] for name in layout.present_outputs]
+        graph, _ = copy_flat_graph(graph_module)
+        functionalize_fresh_inplace(graph)
+        if not is_functional(graph):
+            raise ValueError("the decode step mutates tensors; the passes need a functional graph")
+        self._built: dict[str, tuple[GraphFunction, GraphFunction] | None] = {}
+
+    def _build(self, kind: str) -> tuple[GraphFunction, GraphFunction] | None:
+        graph_module = self._graph_module()
+        if graph_module is None:
+            return None
+        graph, _ = copy_flat_graph(graph_module)
+        functionalize_fresh_inplace(graph)
+        drop_noop_nodes(graph)
+        native_gqa(graph)
+        if kind in ("decode", "prefill"):
+            mask_input = self.model_placeholders["attention_mask"]
+            if not drop_attention_masks(
+                graph, is_causal=kind == "prefill", attention_mask=mask_input
+            ):
+                return None
+        if kind == "decode_masked":
+            pack_single_query(graph)  # reads the boolean mask: before the conversion
+        if kind in ("decode_masked", "masked"):
+            float_attention_masks(graph)
+        serial_adapter_attention(graph)
+        eliminate_common_subexpressions(graph)  # one sin for all layers: before the roll
+        roll_rotate_half(graph)
+        eliminate_dead_code(graph)
+        split = hoist_invariant(graph, self.invariant)
+        main = split.main
+        eliminate_dead_code(main)
+        # Inputs in the session's order (input_ids, attention_mask, position_ids, past...),
+        # then the hoisted values; outputs as (logits, (present...)).
+        by_name = {n.name: n for n in main.nodes if n.op == "placeholder"}
+        ordered = [by_name[self.model_placeholders[name]] for name in self.input_names]
+        hoisted = [n for n in main.nodes if n.op == "placeholder" and n.name.startswith("hoisted_")]
+        desired = [*ordered, *hoisted]
+        head = next(iter(main.nodes))
+        if head is not desired[0]:
+            head.prepend(desired[0])
+        for previous, node in itertools.pairwise(desired):
+            previous.append(node)
+        output = next(n for n in main.nodes if n.op == "output")
+        flat_out = output.args[0]
+        output.args = (
+            (flat_out[self.logits_index], tuple(flat_out[i] for i in self.present_indices)),
+        )
+        main.lint()
+        eliminate_dead_code(split.prologue)
+        return GraphFunction(split.prologue, "prologue"), GraphFunction(main, f"step_{kind}")
+
+    def functions(self, kind: str) -> tuple[GraphFunction, GraphFunction] | None:
+        """The compiled (prologue, step) of a kind, its fallback's where it has none."""
+        if kind not in self._built:
+            try:
+                built = self._build(kind)
+            except Exception:  # an unforeseen graph: run that kind as captured
+                logger.warning("the %s decode step runs unoptimised", kind, exc_info=True)
+                built = None
+            if built is None and kind in self.FALLBACK:
+                built = self.functions(self.FALLBACK[kind])
+            self._built[kind] = built
+        return self._built[kind]
+
+
+_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _step_program(graph_module: torch.fx.GraphModule, captured: Any, layout: Any):
+    program = _PROGRAMS.get(graph_module)
+    if program is None:
+        try:
+            program = _StepProgram(graph_module, captured, layout)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            logger.info("decode step runs through its GraphModule: %s", exc)
+            program = False
+        _PROGRAMS[graph_module] = program
+    return program or None
+
+
 class TorchSession:
     """A decode session on an AdaptedModel's decode-step twin (``AdaptedModel.decoder()``).
 
     It runs the twin's graph for the current adapter state with the adapter folded (see
     ``AdaptedModel.inference_graph``): the prompt projections run once per session, not
     in every step.
+
+    Run eagerly (no ``runner``), the graph runs as a :class:`_StepProgram`: rewritten per
+    kind of step into the attention transformers runs eagerly, its adapter-only values
+    computed once per session, its weights and inputs bound once; a step checks its inputs'
+    shapes, picks the variant (one host read: whether the mask is all ones) and calls it.
     """
 
     def __init__(self, decoder: AdaptedModel, runner: Any = None):
@@ -126,11 +280,75 @@ class TorchSession:
         self.device = decoder.base_graph_module.get_parameter(
             decoder.sites[0].key_projection.weight
         ).device
+        self.program = None
+        if runner is None:
+            self.program = _step_program(self.graph_module, decoder.captured, self.layout)
+        self._bound: dict[str, tuple[Any, tuple[Any, ...]]] = {}
+        self.batch = 0
 
     def reset(self, batch: int) -> None:
         self.past = self.layout.empty(batch, self.device)
+        self.batch = batch
+
+    def _function(self, kind: str) -> tuple[Any, tuple[Any, ...]] | None:
+        """The bound step function of a kind and its hoisted values (computed now, from
+        this session's adapter values), or None where the kind runs as captured."""
+        if kind not in self._bound:
+            functions = self.program.functions(kind)
+            bound = None
+            if functions is not None:
+                prologue, step = functions
+                with torch.no_grad():
+                    hoisted = prologue.bind(self.graph_module)(*self.adapter_values)
+                bound = (step.bind(self.graph_module), tuple(hoisted))
+            self._bound[kind] = bound
+        return self._bound[kind]
 
     def step(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        if self.program is None:
+            return self._step_graph_module(input_ids, attention_mask, position_ids)
+        past = self.past
+        past_len = past[0].shape[2] if past else 0
+        checked = (
+            isinstance(input_ids, torch.Tensor)
+            and isinstance(attention_mask, torch.Tensor)
+            and isinstance(position_ids, torch.Tensor)
+            and input_ids.dim() == 2
+            and not input_ids.is_floating_point()
+            and input_ids.shape[0] == self.batch
+            and attention_mask.shape == (self.batch, past_len + input_ids.shape[1])
+            and position_ids.shape == input_ids.shape
+        )
+        if past_len == 0 or not checked:
+            # The full check (with the capture's messages): the prefill, or a bad call.
+            feed = dict(zip(self.layout.past_inputs, past, strict=True))
+            feed.update(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            )
+            self.decoder.captured.bind_named((), feed)
+            if not checked:
+                raise ValueError(
+                    f"inputs of shapes {tuple(input_ids.shape)}, {tuple(attention_mask.shape)}"
+                    f", {tuple(position_ids.shape)} do not continue this session's batch of "
+                    f"{self.batch} with {past_len} past tokens"
+                )
+        unpadded = bool(attention_mask.all())
+        if input_ids.shape[1] == 1:
+            kind = "decode" if unpadded else "decode_masked"
+        else:
+            kind = "prefill" if unpadded and past_len == 0 else "masked"
+        bound = self._function(kind)
+        if bound is None:
+            return self._step_graph_module(input_ids, attention_mask, position_ids)
+        fn, hoisted = bound
+        with torch.no_grad():
+            logits, present = fn(input_ids, attention_mask, position_ids, *past, *hoisted)
+        self.past = list(present)
+        return logits[:, -1, :]
+
+    def _step_graph_module(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
         feed = dict(zip(self.layout.past_inputs, self.past, strict=True))
@@ -316,7 +534,9 @@ def generate(
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     session.reset(batch)
     logits = session.step(ids, mask, positions)
-    finished = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+    # Without eos no row ever finishes: no per-step padding of finished rows, no host read.
+    finished = torch.zeros(batch, dtype=torch.bool, device=ids.device) if eos else None
+    new_column = torch.ones_like(mask[:, :1])
     new_tokens: list[torch.Tensor] = []
     for index in range(max_new_tokens):
         token = choose_tokens(
@@ -327,18 +547,19 @@ def generate(
             top_p=top_p,
             generator=generator,
         )
-        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-        new_tokens.append(token)
-        if eos:
+        if finished is not None:
+            token = token.masked_fill(finished, pad_token_id)
             finished |= torch.isin(token, eos_ids)
-        if index == max_new_tokens - 1 or bool(finished.all()):
+        new_tokens.append(token)
+        if index == max_new_tokens - 1 or (finished is not None and bool(finished.all())):
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        mask = torch.cat([mask, new_column], dim=-1)
         next_position = positions[:, -1:] + 1
-        positions = torch.cat([positions, next_position], dim=-1)
         if use_cache:
+            positions = next_position  # the cache holds the rest
             logits = session.step(token[:, None], mask, next_position)
         else:
+            positions = torch.cat([positions, next_position], dim=-1)
             session.reset(batch)
             sequence = torch.cat([ids, torch.stack(new_tokens, dim=1)], dim=-1)
             logits = session.step(sequence, mask, positions)
