@@ -12,7 +12,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from adaption_fx.graph_cache import cache_enabled, cached_export
+from adaption_fx.graph_cache import CacheEntry, cache_enabled, cache_entry, cached_export
 from adaption_fx.hf_compat import causal_attention_without_mask, check_versions, vmap_free_masks
 from adaption_fx.passes.errors import UnsupportedGraphError
 from adaption_fx.passes.graph_copy import copy_flat_graph, graph_module_sharing
@@ -49,6 +49,8 @@ class CapturedModel:
             it computes the same function without building and reading a mask.
         cache: whether captures made later for this model (the decode step) may use the
             persistent graph cache.
+        cache_entry: the graph-cache entry (:class:`adaption_fx.graph_cache.CacheEntry`)
+            this capture was read from or stored in; None when the cache was not used.
     """
 
     graph_module: torch.fx.GraphModule
@@ -66,6 +68,7 @@ class CapturedModel:
     causal: CapturedModel | None = None
     validate: Callable[[dict[str, Any]], None] | None = None
     cache: bool = False
+    cache_entry: CacheEntry | None = None
 
     def check_placement(self) -> None:
         """Raise if the weights moved or were cast since capture.
@@ -364,7 +367,9 @@ def _capture_hf(
 
     def capture_one(_layers: Any = None) -> CapturedModel:
         program = _export(model, (), kwargs, dynamic, what=what, cache=cache)
-        return _from_graph_module(program.module(), name)
+        captured = _from_graph_module(program.module(), name)
+        captured.cache_entry = cache_entry(program)
+        return captured
 
     def check(grown: CapturedModel) -> str | None:
         return same_outputs(graph_outputs(grown, feed), eager_outputs(model, feed))

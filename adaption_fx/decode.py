@@ -33,6 +33,7 @@ from adaption_fx.capture import (
     eager_outputs,
     graph_outputs,
 )
+from adaption_fx.graph_cache import cache_entry
 from adaption_fx.repeated import RepeatedLayers, capture_once_per_layer, same_outputs
 
 logger = logging.getLogger(__name__)
@@ -252,7 +253,9 @@ def capture_decode(
             graph_module = program.module()
         _drop_export_guards(graph_module)
         _skip_empty_concatenations(graph_module)
-        return _from_graph_module(graph_module, name)
+        captured = _from_graph_module(graph_module, name)
+        captured.cache_entry = cache_entry(program)
+        return captured
 
     def capture_one(layers: RepeatedLayers) -> CapturedModel:
         if len(set(layout.shapes)) != 1 or layout.num_layers != layers.count:

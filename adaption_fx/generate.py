@@ -22,6 +22,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
+from adaption_fx.gc_pause import paused_gc
 from adaption_fx.passes.cleanup import (
     drop_noop_nodes,
     eliminate_common_subexpressions,
@@ -176,9 +177,7 @@ class _StepProgram:
         )
         self.logits_index = outputs["logits"]
         self.present_indices = [outputs[name] for name in layout.present_outputs]
-        graph, _ = copy_flat_graph(graph_module)
-        functionalize_fresh_inplace(graph)
-        if not is_functional(graph):
+        if not is_functional(graph_module.graph, allow_fresh_inplace=True):
             raise ValueError("the decode step mutates tensors; the passes need a functional graph")
         self._built: dict[str, tuple[GraphFunction, GraphFunction] | None] = {}
 
@@ -227,6 +226,7 @@ class _StepProgram:
         eliminate_dead_code(split.prologue)
         return GraphFunction(split.prologue, "prologue"), GraphFunction(main, f"step_{kind}")
 
+    @paused_gc()
     def functions(self, kind: str) -> tuple[GraphFunction, GraphFunction] | None:
         """The compiled (prologue, step) of a kind, its fallback's where it has none."""
         if kind not in self._built:

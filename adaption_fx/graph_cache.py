@@ -7,8 +7,9 @@ keyed by everything that can change the traced graph:
 
 - what is captured (the masked forward, the mask-free causal forward, the decode step);
 - the versions of Python, torch, transformers and of this package's source;
-- the model's class, the source files of every module class it holds, its Hugging Face
-  config (attention implementation included) and its forward's signature;
+- the model's class, the source files of every module class it holds and the code of their
+  methods (so a method patched at run time counts), its Hugging Face config (attention
+  implementation included) and its forward's signature;
 - the names, shapes, dtypes and devices of its parameters and buffers, and which are tied
   (not whether they require gradients: ``rewrite`` freezes them, and the graph is the same);
 - the example inputs' structure, shapes, dtypes and the dynamic-shape specification.
@@ -16,6 +17,12 @@ keyed by everything that can change the traced graph:
 The key is stored in the entry and compared in full, and the entry carries a SHA-256 of
 its payload: a stale, truncated or corrupt entry is reported, removed and rebuilt, never
 used. Entries are written to a temporary file and renamed into place.
+
+A caller that checks what it builds from an entry (the graph grown from a one-layer capture
+is run against the model once) records the verdict beside the entry
+(:meth:`CacheEntry.mark_verified`), tied to the entry's checksum; a later hit on the same
+entry reads it (:meth:`CacheEntry.verified`) instead of checking again. A rebuilt entry
+has a new checksum, so no verdict carries over to it.
 
 Location: ``$ADAPTION_FX_CACHE_DIR``, else ``$XDG_CACHE_HOME/adaption-fx``, else
 ``~/.cache/adaption-fx`` (graphs under ``graphs/``). ``ADAPTION_FX_CACHE=0`` in the
@@ -29,16 +36,22 @@ import hashlib
 import inspect
 import json
 import logging
+import marshal
 import os
 import pickle
 import platform
 import struct
 import sys
 import tempfile
+import threading
+import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
+import sympy
 import torch
 
 logger = logging.getLogger(__name__)
@@ -73,7 +86,7 @@ def clear_cache() -> int:
     directory = cache_directory()
     removed = 0
     for path in directory.glob(f"*{_SUFFIX}") if directory.is_dir() else []:
-        path.unlink(missing_ok=True)
+        _remove(path)
         removed += 1
     return removed
 
@@ -112,6 +125,33 @@ def _versions() -> dict[str, str]:
         versions["transformers"] = transformers.__version__
     versions["adaption_fx"] = _package_digest()
     return versions
+
+
+def _function_digest(function: Any) -> str:
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return repr(function)
+    try:
+        return hashlib.sha256(marshal.dumps(code)).hexdigest()[:16]
+    except ValueError:  # a code object marshal cannot write
+        return f"{function.__module__}.{function.__qualname__}"
+
+
+def _code(module: torch.nn.Module) -> dict[str, str]:
+    """Digests of the code a module runs: the functions its class and base classes define
+    (up to ``nn.Module``), and a ``forward`` set on the instance. A method patched at run
+    time (``LlamaDecoderLayer.forward = ...``) changes them where the source files do not."""
+    functions: dict[str, str] = {}
+    for klass in type(module).__mro__:
+        if klass is torch.nn.Module or klass is object:
+            break
+        for name, value in vars(klass).items():
+            value = getattr(value, "__func__", value)  # staticmethod / classmethod
+            if callable(value) and hasattr(value, "__code__"):
+                functions.setdefault(name, _function_digest(value))
+    if "forward" in vars(module):
+        functions["instance forward"] = _function_digest(vars(module)["forward"])
+    return functions
 
 
 def _config(model: torch.nn.Module) -> Any:
@@ -157,15 +197,21 @@ def cache_key(
     """The key of a capture of ``model`` (see the module docstring), as JSON-able data."""
     classes = {f"{type(m).__module__}.{type(m).__qualname__}" for m in model.modules()}
     sources = {}
-    for module in model.modules():
+    code: dict[str, Any] = {}
+    for path, module in model.named_modules():
         name = f"{type(module).__module__}.{type(module).__qualname__}"
         sources.setdefault(name, _class_source(type(module)))
+        if name not in code:
+            code[name] = _code(module)
+        if "forward" in vars(module):  # this instance runs other code than its class
+            code[f"{name} at {path or '<root>'}"] = _code(module)
     return {
         "format": FORMAT,
         "what": what,
         "versions": _versions(),
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
         "sources": {name: sources[name] for name in sorted(classes)},
+        "code": code,
         "config": _config(model),
         "signature": str(inspect.signature(model.forward)),
         "tensors": _tensors(model),
@@ -184,15 +230,58 @@ class CacheEntryError(ValueError):
     """A cache entry that must not be used (stale, truncated or corrupt)."""
 
 
-def _write(path: Path, key: dict[str, Any], blobs: list[bytes]) -> None:
+@dataclass(frozen=True)
+class CacheEntry:
+    """The cache entry a program was loaded from or stored in, and its payload checksum."""
+
+    path: Path
+    sha256: str
+
+    def _stamp(self, check: str) -> Path:
+        return self.path.with_name(f"{self.path.name}.{check}.ok")
+
+    def verified(self, check: str) -> bool:
+        """Whether ``check`` passed on what was built from this very entry before."""
+        try:
+            return self._stamp(check).read_text() == self.sha256
+        except OSError:
+            return False
+
+    def mark_verified(self, check: str) -> None:
+        """Record that ``check`` passed on what was built from this entry (atomically;
+        a cache that cannot be written only logs)."""
+        stamp = self._stamp(check)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{stamp.name}.", dir=stamp.parent)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(self.sha256)
+            os.replace(tmp, stamp)
+        except OSError as exc:
+            logger.info("could not record the %s check of %s: %s", check, self.path, exc)
+
+
+# The entry each loaded or stored program belongs to (programs are not ours to annotate).
+_ENTRIES: weakref.WeakKeyDictionary[Any, CacheEntry] = weakref.WeakKeyDictionary()
+
+
+def cache_entry(program: Any) -> CacheEntry | None:
+    """The cache entry ``program`` (a :func:`cached_export` result) was loaded from or
+    stored in; None for one the cache did not hold."""
+    return _ENTRIES.get(program)
+
+
+def _remove(path: Path) -> None:
+    """Remove an entry and the verdicts recorded beside it."""
+    path.unlink(missing_ok=True)
+    for stamp in path.parent.glob(f"{path.name}.*.ok"):
+        stamp.unlink(missing_ok=True)
+
+
+def _write(path: Path, key: dict[str, Any], blobs: list[bytes]) -> str:
+    """Write an entry; returns its payload checksum."""
     payload = b"".join(blobs)
-    header = json.dumps(
-        {
-            "key": key,
-            "sizes": [len(b) for b in blobs],
-            "sha256": hashlib.sha256(payload).hexdigest(),
-        }
-    ).encode()
+    sha256 = hashlib.sha256(payload).hexdigest()
+    header = json.dumps({"key": key, "sizes": [len(b) for b in blobs], "sha256": sha256}).encode()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -202,9 +291,11 @@ def _write(path: Path, key: dict[str, Any], blobs: list[bytes]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return sha256
 
 
-def _read(path: Path, key: dict[str, Any]) -> list[bytes]:
+def _read(path: Path, key: dict[str, Any]) -> tuple[list[bytes], str]:
+    """An entry's parts and its payload checksum; CacheEntryError if it must not be used."""
     data = path.read_bytes()
     if not data.startswith(_MAGIC) or len(data) < len(_MAGIC) + 8:
         raise CacheEntryError("not a graph cache entry")
@@ -226,7 +317,7 @@ def _read(path: Path, key: dict[str, Any]) -> list[bytes]:
     for size in sizes:
         blobs.append(payload[offset : offset + size])
         offset += size
-    return blobs
+    return blobs, header["sha256"]
 
 
 def _serialize(program: torch.export.ExportedProgram) -> list[bytes]:
@@ -266,7 +357,39 @@ def _deserialize(blobs: list[bytes], model: torch.nn.Module) -> torch.export.Exp
     constants = {
         k: own.get(k, v) if isinstance(v, torch.Tensor) else v for k, v in constants.items()
     }
-    return serde.ExportedProgramDeserializer().deserialize(schema, state, constants, examples_bytes)
+    with _LOCK, mock.patch.object(serde, "sympy", _ParseOnce()):
+        return serde.ExportedProgramDeserializer().deserialize(
+            schema, state, constants, examples_bytes
+        )
+
+
+class _ParseOnce:
+    """The ``sympy`` module as torch's deserialiser sees it, parsing each symbolic-size
+    string once per program.
+
+    The deserialiser parses the string of every symbolic size of every node with
+    ``sympy.sympify`` (a tokenizer and ``eval`` per call): about 40% of reading a program
+    back, for a few dozen distinct strings. Within one program the names in a string
+    always resolve to the same symbols (the deserialiser only ever adds names, taken from
+    what it parsed), so the expression parsed first is the one every later parse of the
+    same string returns.
+    """
+
+    def __init__(self) -> None:
+        self._parsed: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(sympy, name)
+
+    def sympify(self, value: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(value, str) or args:
+            return sympy.sympify(value, *args, **kwargs)
+        if value not in self._parsed:
+            self._parsed[value] = sympy.sympify(value, **kwargs)
+        return self._parsed[value]
+
+
+_LOCK = threading.Lock()  # the module patch above is process-wide
 
 
 def cached_export(
@@ -287,15 +410,18 @@ def cached_export(
     path = cache_directory() / f"{what}-{_digest(key)}{_SUFFIX}"
     if path.exists():
         try:
-            program = _deserialize(_read(path, key), model)
+            blobs, sha256 = _read(path, key)
+            program = _deserialize(blobs, model)
+            _ENTRIES[program] = CacheEntry(path, sha256)
             logger.info("loaded the %s capture of %s from %s", what, type(model).__name__, path)
             return program
         except Exception as exc:  # any failure: the entry is not used, and is rebuilt
             logger.warning("graph cache entry %s is unusable (%s); rebuilding it", path, exc)
-            path.unlink(missing_ok=True)
+            _remove(path)
     program = export()
     try:
-        _write(path, key, _serialize(program))
+        _remove(path)  # verdicts recorded on an earlier entry at this path
+        _ENTRIES[program] = CacheEntry(path, _write(path, key, _serialize(program)))
         logger.info("cached the %s capture of %s in %s", what, type(model).__name__, path)
     except Exception as exc:  # e.g. a read-only home, or a graph torch cannot serialise
         logger.info("could not cache the %s capture: %s", what, exc)
@@ -305,9 +431,11 @@ def cached_export(
 __all__ = [
     "ENV_DIRECTORY",
     "ENV_SWITCH",
+    "CacheEntry",
     "CacheEntryError",
     "cache_directory",
     "cache_enabled",
+    "cache_entry",
     "cache_key",
     "cached_export",
     "clear_cache",

@@ -15,6 +15,7 @@ import torch.fx
 from adaption_fx import checkpoint as ckpt
 from adaption_fx.capture import CapturedModel
 from adaption_fx.config import AdaptionConfig
+from adaption_fx.gc_pause import paused_gc
 from adaption_fx.generate import (
     MODEL_DEFAULT,
     EosTokenIds,
@@ -420,6 +421,7 @@ class AdaptedModel(torch.nn.Module):
         return self.adapter_weights[name].tensors(self.adaption_graph(name).adapter_inputs)
 
     # ----------------------------------------------------------------- generation
+    @paused_gc()
     def decoder(self, max_length: int | None = None) -> AdaptedModel:
         """The decode-step twin of this model, in sync with its adapters.
 

@@ -10,6 +10,9 @@ only done where it cannot change the result:
   submodule (only the layer's own index may differ) and no hooks;
 - the grown graph is run once against the model itself on a small input; any difference
   beyond rounding, or any failure on the way, and the model is captured whole instead.
+  When the one-layer capture came from the persistent graph cache and the graph grown
+  from that same entry passed this check before, the pass is recorded beside the entry
+  and the check is not run again.
 
 ``ADAPTION_FX_REPLICATE_LAYERS=0`` in the environment turns it off.
 """
@@ -239,6 +242,10 @@ def same_outputs(got: Any, expected: Any) -> str | None:
     return None
 
 
+# The name under which a grown capture's check is recorded beside its cache entry.
+GROWN_CHECK = "grown"
+
+
 def capture_once_per_layer(
     model: torch.nn.Module,
     capture_one: Callable[[RepeatedLayers], CapturedModel],
@@ -252,6 +259,8 @@ def capture_once_per_layer(
         capture_one: exports the model (called while it holds its first layer only) and
             returns the flat capture.
         check: runs the grown capture against the model; returns why they differ, or None.
+            Skipped where ``capture_one``'s result came from a cache entry whose grown
+            graph passed it before (``CapturedModel.cache_entry``).
         grow_options: keyword arguments of :func:`grow_capture` for these layers.
     """
     if not replication_enabled():
@@ -265,7 +274,17 @@ def capture_once_per_layer(
             one = capture_one(layers)
         options = grow_options(layers) if grow_options is not None else {}
         grown = grow_capture(one, model, layers, **options)
-        why = check(grown)
+        entry = one.cache_entry
+        if entry is not None and entry.verified(GROWN_CHECK):
+            # The graph grown from this very entry matched the model when the entry was
+            # made: the entry's key pins the model's code, config and tensor layout, and
+            # growing is deterministic, so the same graph is grown again.
+            logger.debug("grown %s capture already checked against the model", name)
+            why = None
+        else:
+            why = check(grown)
+            if why is None and entry is not None:
+                entry.mark_verified(GROWN_CHECK)
     except Exception as exc:  # any failure here means: capture the model whole
         first = next((line for line in str(exc).splitlines() if line.strip()), repr(exc))
         logger.info("capturing every layer of %s: the one-layer capture failed: %s", name, first)
@@ -284,6 +303,7 @@ def capture_once_per_layer(
 
 __all__ = [
     "ENV_SWITCH",
+    "GROWN_CHECK",
     "RepeatedLayers",
     "capture_once_per_layer",
     "find_repeated_layers",

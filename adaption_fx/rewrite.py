@@ -11,6 +11,7 @@ import torch
 from adaption_fx.capture import capture
 from adaption_fx.checkpoint import adapter_directory
 from adaption_fx.config import AdaptionConfig
+from adaption_fx.gc_pause import paused_gc
 from adaption_fx.model import AdaptedModel
 from adaption_fx.passes.errors import UnsupportedGraphError
 from adaption_fx.passes.locate import locate_attention
@@ -18,6 +19,7 @@ from adaption_fx.passes.locate import locate_attention
 logger = logging.getLogger(__name__)
 
 
+@paused_gc()
 def rewrite(
     model: Any,
     config: AdaptionConfig | str | os.PathLike | None,

@@ -31,8 +31,12 @@ def _val(node: Any) -> Any:
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
 
-def is_functional(graph: torch.fx.Graph) -> bool:
-    """True when no node of ``graph`` mutates a tensor (the precondition of these passes)."""
+def is_functional(graph: torch.fx.Graph, *, allow_fresh_inplace: bool = False) -> bool:
+    """True when no node of ``graph`` mutates a tensor (the precondition of these passes).
+
+    ``allow_fresh_inplace``: also True where the only mutations are ones
+    :func:`functionalize_fresh_inplace` rewrites (so the graph is functional after it).
+    """
     for node in graph.nodes:
         target = node.target
         if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
@@ -40,6 +44,8 @@ def is_functional(graph: torch.fx.Graph) -> bool:
         if target in _CHECKS:
             continue
         if target._schema.is_mutable:
+            if allow_fresh_inplace and _functional_twin(node) is not None:
+                continue
             return False
     return True
 
@@ -72,6 +78,29 @@ def _example(value: Any) -> Any:
     return value
 
 
+def _functional_twin(node: torch.fx.Node) -> Any:
+    """The out-of-place op computing what in-place ``node`` does, where ``node`` mutates
+    only a tensor created for it alone (and keeps its dtype); else None."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return None
+    if not target._schema.is_mutable or target in _CHECKS or not node.args:
+        return None
+    functional = _out_of_place(target)
+    created = node.args[0]
+    if functional is None or not _is_fresh(created) or len(created.users) != 1:
+        return None
+    value = _val(created)
+    if not isinstance(value, torch.Tensor):
+        return None
+    others = [_example(_val(a) if isinstance(a, torch.fx.Node) else a) for a in node.args[1:]]
+    try:
+        promoted = torch.result_type(_example(value), others[0]) if others else value.dtype
+    except (TypeError, RuntimeError):
+        return None
+    return functional if promoted == value.dtype else None
+
+
 def functionalize_fresh_inplace(graph: torch.fx.Graph) -> int:
     """Rewrite each in-place op on a tensor created just for it (``arange(n).add_(k)``, as
     transformers 4.x builds its mask indices) as the out-of-place op: nothing else can see
@@ -79,24 +108,8 @@ def functionalize_fresh_inplace(graph: torch.fx.Graph) -> int:
     tensor's only user and type promotion keeps its dtype. Returns how many changed."""
     changed = 0
     for node in list(graph.nodes):
-        target = node.target
-        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
-            continue
-        if not target._schema.is_mutable or target in _CHECKS or not node.args:
-            continue
-        functional = _out_of_place(target)
-        created = node.args[0]
-        if functional is None or not _is_fresh(created) or len(created.users) != 1:
-            continue
-        value = _val(created)
-        if not isinstance(value, torch.Tensor):
-            continue
-        others = [_example(_val(a) if isinstance(a, torch.fx.Node) else a) for a in node.args[1:]]
-        try:
-            promoted = torch.result_type(_example(value), others[0]) if others else value.dtype
-        except (TypeError, RuntimeError):
-            continue
-        if promoted != value.dtype:
+        functional = _functional_twin(node)
+        if functional is None:
             continue
         with graph.inserting_before(node):
             replacement = graph.call_function(functional, node.args, dict(node.kwargs))

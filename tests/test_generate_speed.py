@@ -242,6 +242,7 @@ def test_inplace_on_fresh_tensors_becomes_out_of_place():
     gm = _graph(M(), torch.ones(4), torch.ones(5))
     graph = gm.graph
     assert not is_functional(graph)
+    assert not is_functional(graph, allow_fresh_inplace=True)  # the view's mul_
     assert functionalize_fresh_inplace(graph) == 1
     gm.recompile()
     targets = [n.target for n in graph.nodes if n.op == "call_function"]
@@ -258,6 +259,15 @@ def test_inplace_on_fresh_tensors_becomes_out_of_place():
     created.meta["val"] = torch.empty(3, dtype=torch.long)
     promoting.output(promoting.call_function(aten.add_.Tensor, (created, 0.5)))
     assert functionalize_fresh_inplace(promoting) == 0  # long + 0.5 would be a float
+    assert not is_functional(promoting, allow_fresh_inplace=True)
+
+    class OnlyFresh(torch.nn.Module):
+        def forward(self, n):
+            return torch.arange(n.shape[0]).add_(3)
+
+    graph = _graph(OnlyFresh(), torch.ones(5)).graph
+    assert not is_functional(graph)
+    assert is_functional(graph, allow_fresh_inplace=True)
 
 
 def test_hoist_splits_invariant_work_and_codegen_runs_it():

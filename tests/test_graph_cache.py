@@ -32,6 +32,19 @@ def _entries(cache_dir):
     return sorted(p.name.split("-")[0] for p in cache_dir.glob("*.graph"))
 
 
+def _stored_key(path):
+    """The key stored in an entry's header (magic, header length, JSON header)."""
+    import json
+    import struct
+
+    from adaption_fx.graph_cache import _MAGIC
+
+    data = path.read_bytes()
+    start = len(_MAGIC) + 8
+    (length,) = struct.unpack("<Q", data[len(_MAGIC) : start])
+    return json.loads(data[start : start + length])["key"]
+
+
 def _logged(caplog, text):
     return [r for r in caplog.records if text in r.getMessage()]
 
@@ -116,6 +129,85 @@ def test_the_key_follows_what_changes_the_graph():
     assert cache_key(tied, *args) != cache_key(tiny_llama(tie_word_embeddings=False), *args)
     model.config._attn_implementation = "eager"
     assert cache_key(model, *args) != key
+
+
+def test_the_key_follows_methods_patched_at_run_time(monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    args = ((), {"input_ids": torch.ones(2, 8, dtype=torch.long)}, None, "masked")
+    key = cache_key(tiny_llama(), *args)
+    original = modeling_llama.LlamaMLP.forward
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", lambda self, x: original(self, x))
+    assert cache_key(tiny_llama(), *args) != key  # the class's method
+    monkeypatch.undo()
+    model = tiny_llama()
+    assert cache_key(model, *args) == key
+    mlp = model.model.layers[1].mlp
+    mlp.forward = lambda x: original(mlp, x) * 2  # one instance's forward
+    assert cache_key(model, *args) != key
+
+
+def test_a_grown_capture_is_checked_once_per_entry(cache_dir, monkeypatch):
+    import adaption_fx.capture as capture_module
+
+    checks = []
+    original = capture_module.eager_outputs
+
+    def counting(model, feed):
+        checks.append(type(model).__name__)
+        return original(model, feed)
+
+    monkeypatch.setattr(capture_module, "eager_outputs", counting)
+    cfg = AdaptionConfig(adapter_len=3, adapter_layers=2)
+    rewrite(tiny_llama(), cfg)
+    assert len(checks) == 2  # the masked and the causal capture, each grown and checked
+    stamps = sorted(p.name.split("-")[0] for p in cache_dir.glob("*.grown.ok"))
+    assert stamps == ["causal", "masked"]
+    checks.clear()
+    ids, mask = padded_batch()
+    model = tiny_llama(seed=4)
+    again = rewrite(model, cfg)
+    assert checks == []  # read back from entries whose grown graphs passed
+    torch.testing.assert_close(
+        again(input_ids=ids, attention_mask=mask).logits, model(ids, mask).logits
+    )
+    # A verdict is tied to its entry's checksum: a rebuilt or different entry is checked.
+    stamp = next(cache_dir.glob("masked-*.grown.ok"))
+    stamp.write_text("0" * 64)
+    rewrite(tiny_llama(), cfg)
+    assert len(checks) == 1
+    assert stamp.read_text() != "0" * 64  # passed again, recorded again
+    clear_cache()
+    assert not list(cache_dir.glob("*.ok"))
+
+
+def test_reading_a_program_back_parses_each_size_once_with_the_same_result(cache_dir):
+    from unittest import mock
+
+    import sympy
+
+    import adaption_fx.graph_cache as graph_cache
+
+    model = tiny_llama()
+    rewrite(model, None)
+    path = next(cache_dir.glob("masked-*.graph"))
+    blobs, _ = graph_cache._read(path, _stored_key(path))
+    from adaption_fx.repeated import find_repeated_layers, first_layer_only
+
+    with first_layer_only(model, find_repeated_layers(model)):
+        fast = graph_cache._deserialize(blobs, model)
+        with mock.patch.object(graph_cache, "_ParseOnce", lambda: sympy):
+            plain = graph_cache._deserialize(blobs, model)
+
+    def described(program):
+        nodes = [
+            (n.name, str(n.target), str(getattr(n.meta.get("val"), "shape", n.meta.get("val"))))
+            for n in program.graph.nodes
+        ]
+        return nodes, str(program.range_constraints)
+
+    assert any("s" in shape for _, _, shape in described(fast)[0])  # symbolic sizes
+    assert described(fast) == described(plain)
 
 
 def test_cache_off_by_argument_and_by_environment(cache_dir, monkeypatch):

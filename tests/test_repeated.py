@@ -161,3 +161,27 @@ def test_replicate_layer_refuses_a_graph_without_the_layer():
         layer_region(graph, "model.layers.0")
     with pytest.raises(ValueError, match="must start with"):
         replicate_layer(graph, "model.layers.0", ["model.layers.1"])
+
+
+def test_paused_gc_restores_the_collector():
+    import gc
+
+    from adaption_fx.gc_pause import paused_gc
+
+    assert gc.isenabled()
+    with paused_gc():
+        assert not gc.isenabled()
+        with paused_gc():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the inner pause leaves the outer one in place
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), paused_gc():
+        raise RuntimeError("boom")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with paused_gc():
+            pass
+        assert not gc.isenabled()  # a collector the caller turned off stays off
+    finally:
+        gc.enable()
