@@ -15,6 +15,7 @@ import torch.fx
 from adaption_fx import checkpoint as ckpt
 from adaption_fx.capture import CapturedModel
 from adaption_fx.config import AdaptionConfig
+from adaption_fx.eager import eager_graph
 from adaption_fx.gc_pause import paused_gc
 from adaption_fx.generate import (
     MODEL_DEFAULT,
@@ -80,10 +81,6 @@ class AdapterWeights(torch.nn.Module):
     def tensors(self, keys: tuple[str, ...]) -> list[torch.Tensor]:
         params = dict(self.named_parameters())
         return [params[k] for k in keys]
-
-
-def _identity(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    return graph_module
 
 
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9_\- ]+")
@@ -344,7 +341,7 @@ class AdaptedModel(torch.nn.Module):
         For Hugging Face causal LMs, ``labels=`` adds ``loss`` computed with the source
         model's own loss function (outside the graph).
         """
-        return self.run_graphs(_identity, args, kwargs)
+        return self.run_graphs(eager_graph, args, kwargs)
 
     def run_graphs(
         self,

@@ -7,6 +7,7 @@ per-round ratio, so slow drifts of the machine cancel. Thread counts are fixed.
     python -m bench                 # the default configs (a few minutes on 2 CPU cores)
     python -m bench --quick         # tiny sizes, seconds (the test suite's smoke run)
     python -m bench --help
+    python -m bench --model embedded  # the real-model table (bench/embedded.py)
 """
 
 from __future__ import annotations
@@ -519,7 +520,22 @@ SECTIONS = ("eager", "train", "compile", "ort", "generate", "rewrite", "scaling"
 
 
 def main(argv: list[str] | None = None) -> int:
+    # --model embedded: the real-model table (bench/embedded.py), which has its own flags.
+    chooser = argparse.ArgumentParser(add_help=False)
+    chooser.add_argument("--model", choices=("toy", "embedded"), default="toy")
+    chosen, rest = chooser.parse_known_args(argv)
+    if chosen.model == "embedded":
+        from bench.embedded import main as embedded_main
+
+        return embedded_main(rest)
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--model",
+        choices=("toy", "embedded"),
+        default="toy",
+        help="toy: this table (default); embedded: the real-model table on SmolLM2-135M "
+        "(bench/embedded.py; `python -m bench --model embedded --help`)",
+    )
     for name, value in asdict(Config()).items():
         if isinstance(value, list):
             parser.add_argument(f"--{name.replace('_', '-')}", type=int, nargs="+")

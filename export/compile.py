@@ -58,7 +58,7 @@ class CompiledModel(torch.nn.Module):
             target = graph_module
             if self._options.get("backend", "inductor") == "inductor":
                 # Inductor does better with the adapter attention written out (see unfuse);
-                # other backends run the graph as eager does, bit for bit.
+                # other backends compile the graph as captured (what eager inference runs).
                 target = unfuse_adapter_attention(graph_module)
             compiled = torch.compile(target, **self._options)
             self._compiled[graph_module] = compiled

@@ -155,3 +155,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def positions_for(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch, as adaption_fx.generate computes them."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+def step_logits(session, ids: torch.Tensor, mask: torch.Tensor, new: torch.Tensor) -> list:
+    """Prefill ``ids`` then feed the columns of ``new`` one at a time; every step's logits."""
+    positions = positions_for(mask)
+    session.reset(ids.shape[0])
+    logits = [session.step(ids, mask, positions)]
+    for column in new.unbind(dim=1):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        positions = positions[:, -1:] + 1
+        logits.append(session.step(column[:, None], mask, positions))
+    return logits

@@ -18,7 +18,13 @@ import json
 
 import pytest
 import torch
-from helpers import assert_rel_close, randomize_adapter, tiny_llama, tiny_mistral
+from helpers import (
+    assert_rel_close,
+    randomize_adapter,
+    step_logits,
+    tiny_llama,
+    tiny_mistral,
+)
 
 from adaption_fx import AdaptionConfig, generate_text, rewrite
 from adaption_fx.export import OrtModel, to_onnx
@@ -50,23 +56,6 @@ def left_padded_prompt(vocab: int, seed: int = 1) -> tuple[torch.Tensor, torch.T
     mask[1, :2] = 0
     ids[1, :2] = 0
     return ids, mask
-
-
-def positions_for(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of a left-padded batch, as adaption_fx.generate computes them."""
-    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-
-
-def step_logits(session, ids: torch.Tensor, mask: torch.Tensor, new: torch.Tensor) -> list:
-    """Prefill ``ids`` then feed the columns of ``new`` one at a time; every step's logits."""
-    positions = positions_for(mask)
-    session.reset(ids.shape[0])
-    logits = [session.step(ids, mask, positions)]
-    for column in new.unbind(dim=1):
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        positions = positions[:, -1:] + 1
-        logits.append(session.step(column[:, None], mask, positions))
-    return logits
 
 
 # ----------------------------------------------------------------------------- fixtures

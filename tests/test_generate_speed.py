@@ -12,7 +12,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.fx
-from helpers import assert_rel_close, randomize_adapter, tiny_llama, tiny_mistral
+from helpers import (
+    assert_rel_close,
+    randomize_adapter,
+    step_logits,
+    tiny_llama,
+    tiny_mistral,
+)
 
 from adaption_fx import AdaptionConfig, rewrite
 from adaption_fx.generate import TorchSession, _StepProgram
@@ -53,18 +59,6 @@ def prompts(batch: int, seq: int, seed: int) -> torch.Tensor:
     return torch.randint(1, VOCAB, (batch, seq), generator=g)
 
 
-def run_steps(session, ids, mask, new_tokens):
-    """Prefill then one token per step; every step's last logits."""
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    session.reset(ids.shape[0])
-    out = [session.step(ids, mask, positions)]
-    for column in new_tokens.unbind(dim=1):
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        positions = positions[:, -1:] + 1
-        out.append(session.step(column[:, None], mask, positions))
-    return out
-
-
 # ----------------------------------------------------------------------------- step program
 @pytest.mark.parametrize("name", ["llama", "mistral"])
 @pytest.mark.parametrize("padded", [False, True])
@@ -84,8 +78,8 @@ def test_fast_steps_equal_the_captured_graph(setups, name, padded, enabled):
         try:
             fast_session = TorchSession(decoder)
             assert fast_session.program is not None
-            fast = run_steps(fast_session, ids, mask, new)
-            slow = run_steps(TorchSession(decoder, runner=lambda gm: gm), ids, mask, new)
+            fast = step_logits(fast_session, ids, mask, new)
+            slow = step_logits(TorchSession(decoder, runner=lambda gm: gm), ids, mask, new)
         finally:
             model.enable_adapter_layers()
     for got, expected in zip(fast, slow, strict=True):
@@ -97,10 +91,10 @@ def test_each_kind_of_step_runs_its_variant(setups):
     session = TorchSession(model.decoder())
     ids = prompts(2, 5, seed=3)
     mask = torch.ones_like(ids)
-    run_steps(session, ids, mask, prompts(2, 2, seed=4))
+    step_logits(session, ids, mask, prompts(2, 2, seed=4))
     assert sorted(session._bound) == ["decode", "prefill"]
     mask[0, 0] = 0
-    run_steps(session, ids, mask, prompts(2, 2, seed=4))
+    step_logits(session, ids, mask, prompts(2, 2, seed=4))
     assert sorted(session._bound) == ["decode", "decode_masked", "masked", "prefill"]
 
 
@@ -159,7 +153,7 @@ def test_session_rejects_steps_that_do_not_continue_it(setups):
     session = TorchSession(model.decoder())
     ids = prompts(2, 4, seed=7)
     mask = torch.ones_like(ids)
-    run_steps(session, ids, mask, prompts(2, 1, seed=8))
+    step_logits(session, ids, mask, prompts(2, 1, seed=8))
     token = prompts(2, 1, seed=9)
     with pytest.raises(ValueError, match="attention_mask"):
         session.step(token, torch.ones(2, 3, dtype=torch.long), torch.ones_like(token))

@@ -95,3 +95,51 @@ def test_prompt_dtype_follows_the_projection_weight():
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask).logits
         assert torch.equal(out, source(input_ids=ids, attention_mask=mask).logits)
+
+
+def test_autograd_runs_the_adapter_attention_written_out(monkeypatch):
+    # Where autograd records, the graph with the adapter attention as matmul, softmax,
+    # matmul runs (its backward is cheaper than SDPA's over a short adapter key); without
+    # it, the fused graph. Same outputs and gradients either way.
+    from helpers import randomize_adapter
+
+    import adaption_fx.eager as eager
+    from adaption_fx.passes import ADAPTION_META_KEY
+
+    model = rewrite(tiny_mistral(), AdaptionConfig(adapter_len=4, adapter_layers=2))
+    randomize_adapter(model, seed=3)
+    ids, mask = padded_batch()
+    ran = []
+    original = eager.eager_graph
+
+    def spy(graph_module):
+        chosen = original(graph_module)
+        ran.append(chosen)
+        return chosen
+
+    monkeypatch.setattr("adaption_fx.model.eager_graph", spy)
+
+    def adapter_sdpa(graph_module) -> int:
+        sdpa = torch.ops.aten.scaled_dot_product_attention.default
+        return sum(
+            n.target == sdpa and (n.meta.get(ADAPTION_META_KEY) or {}).get("role") == "out"
+            for n in graph_module.graph.nodes
+        )
+
+    with torch.no_grad():
+        fused = model(input_ids=ids, attention_mask=mask).logits
+    assert adapter_sdpa(ran[-1]) == 2
+    out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    assert adapter_sdpa(ran[-1]) == 0
+    keep = mask.bool()
+    torch.testing.assert_close(out.logits[keep], fused[keep], rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    written_out = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    monkeypatch.setattr("adaption_fx.model.eager_graph", lambda graph_module: graph_module)
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    fused_grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    assert written_out.keys() == fused_grads.keys() and written_out
+    for key, grad in written_out.items():
+        torch.testing.assert_close(grad, fused_grads[key], rtol=1e-4, atol=1e-6)
+    assert original(ran[-1]) is ran[-1]  # the twin is built once and kept
