@@ -41,6 +41,7 @@ ROWS = [
     ),
     "train_ours/peft",
     "train_flops_ours/peft",
+    "train_operators_ours/peft",
     "train_time_minus_flops",
     "compile_ours/peft",
     "compile_first_step_ours_s",

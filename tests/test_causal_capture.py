@@ -27,17 +27,23 @@ def llama_pair():
 
 
 def _graph_calls(model):
-    """Counts of calls to the masked and the causal rewritten graphs of the active adapter."""
+    """Counts of calls to the masked and the causal rewritten graphs of the active adapter
+    (either form: with autograd recording, the one with the adapter attention written out
+    runs, see adaption_fx.eager)."""
+    from adaption_fx.eager import eager_graph
+
     key = model._adapter_structure[model.active_adapter]
     calls = {"masked": 0, "causal": 0}
-    hooks = [
-        model._graphs[key].graph_module.register_forward_hook(
-            lambda *_: calls.__setitem__("masked", calls["masked"] + 1)
-        ),
-        model._causal_graphs[key].graph_module.register_forward_hook(
-            lambda *_: calls.__setitem__("causal", calls["causal"] + 1)
-        ),
-    ]
+    hooks = []
+    for kind, graph in (("masked", model._graphs[key]), ("causal", model._causal_graphs[key])):
+        with torch.enable_grad():
+            forms = {graph.graph_module, eager_graph(graph.graph_module)}
+        for form in forms:
+            hooks.append(
+                form.register_forward_hook(
+                    lambda *_, kind=kind: calls.__setitem__(kind, calls[kind] + 1)
+                )
+            )
     return calls, hooks
 
 
