@@ -152,7 +152,6 @@ class _StepProgram:
     masked one. Variants are built on first use and kept with the graph.
     """
 
-    KINDS = ("decode", "prefill", "decode_masked", "masked")
     FALLBACK: ClassVar[dict[str, str]] = {"decode": "decode_masked", "prefill": "masked"}
 
     def __init__(self, graph_module: torch.fx.GraphModule, captured: Any, layout: Any):
@@ -181,6 +180,7 @@ class _StepProgram:
             raise ValueError("the decode step mutates tensors; the passes need a functional graph")
         self._built: dict[str, tuple[GraphFunction, GraphFunction] | None] = {}
 
+    @paused_gc()
     def _build(self, kind: str) -> tuple[GraphFunction, GraphFunction] | None:
         graph_module = self._graph_module()
         if graph_module is None:
@@ -226,7 +226,6 @@ class _StepProgram:
         eliminate_dead_code(split.prologue)
         return GraphFunction(split.prologue, "prologue"), GraphFunction(main, f"step_{kind}")
 
-    @paused_gc()
     def functions(self, kind: str) -> tuple[GraphFunction, GraphFunction] | None:
         """The compiled (prologue, step) of a kind, its fallback's where it has none."""
         if kind not in self._built:

@@ -137,20 +137,18 @@ def _function_digest(function: Any) -> str:
         return f"{function.__module__}.{function.__qualname__}"
 
 
-def _code(module: torch.nn.Module) -> dict[str, str]:
-    """Digests of the code a module runs: the functions its class and base classes define
-    (up to ``nn.Module``), and a ``forward`` set on the instance. A method patched at run
-    time (``LlamaDecoderLayer.forward = ...``) changes them where the source files do not."""
+def _class_code(cls: type) -> dict[str, str]:
+    """Digests of the functions a module class and its base classes define (up to
+    ``nn.Module``): a method patched at run time (``LlamaDecoderLayer.forward = ...``)
+    changes them where the source files do not."""
     functions: dict[str, str] = {}
-    for klass in type(module).__mro__:
+    for klass in cls.__mro__:
         if klass is torch.nn.Module or klass is object:
             break
         for name, value in vars(klass).items():
             value = getattr(value, "__func__", value)  # staticmethod / classmethod
             if callable(value) and hasattr(value, "__code__"):
                 functions.setdefault(name, _function_digest(value))
-    if "forward" in vars(module):
-        functions["instance forward"] = _function_digest(vars(module)["forward"])
     return functions
 
 
@@ -202,9 +200,9 @@ def cache_key(
         name = f"{type(module).__module__}.{type(module).__qualname__}"
         sources.setdefault(name, _class_source(type(module)))
         if name not in code:
-            code[name] = _code(module)
+            code[name] = _class_code(type(module))
         if "forward" in vars(module):  # this instance runs other code than its class
-            code[f"{name} at {path or '<root>'}"] = _code(module)
+            code[f"{name} at {path or '<root>'}"] = _function_digest(vars(module)["forward"])
     return {
         "format": FORMAT,
         "what": what,
@@ -250,12 +248,8 @@ class CacheEntry:
     def mark_verified(self, check: str) -> None:
         """Record that ``check`` passed on what was built from this entry (atomically;
         a cache that cannot be written only logs)."""
-        stamp = self._stamp(check)
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{stamp.name}.", dir=stamp.parent)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(self.sha256)
-            os.replace(tmp, stamp)
+            _write_atomically(self._stamp(check), self.sha256.encode())
         except OSError as exc:
             logger.info("could not record the %s check of %s: %s", check, self.path, exc)
 
@@ -283,15 +277,21 @@ def _write(path: Path, key: dict[str, Any], blobs: list[bytes]) -> str:
     sha256 = hashlib.sha256(payload).hexdigest()
     header = json.dumps({"key": key, "sizes": [len(b) for b in blobs], "sha256": sha256}).encode()
     path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomically(path, _MAGIC + struct.pack("<Q", len(header)) + header + payload)
+    return sha256
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """``data`` into ``path`` through a temporary file renamed into place: a reader never
+    sees a half-written file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(_MAGIC + struct.pack("<Q", len(header)) + header + payload)
+            handle.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return sha256
 
 
 def _read(path: Path, key: dict[str, Any]) -> tuple[list[bytes], str]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import operator
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -146,13 +147,6 @@ def first_layer_only(model: torch.nn.Module, layers: RepeatedLayers) -> Iterator
         parent._modules[attribute] = original
 
 
-def _lookup(root: Any, path: str) -> Any:
-    value = root
-    for part in path.split("."):
-        value = getattr(value, part)
-    return value
-
-
 def _install(root: torch.nn.Module, path: str, value: Any, owner: torch.nn.Module | None) -> None:
     *parents, name = path.split(".")
     module = root
@@ -182,8 +176,8 @@ def _root(graph: torch.fx.Graph, model: torch.nn.Module, one: torch.fx.GraphModu
         target = str(node.target)
         source = model if any(within(target, p) for p in layers.paths) else one
         owner_path = target.rpartition(".")[0]
-        owner = _lookup(source, owner_path) if owner_path else source
-        _install(root, target, _lookup(source, target), owner)
+        owner = operator.attrgetter(owner_path)(source) if owner_path else source
+        _install(root, target, operator.attrgetter(target)(source), owner)
     return root
 
 

@@ -248,13 +248,6 @@ class _DirectGraph:
     weights: list[tuple[torch.fx.Node, str, torch.Tensor]]  # placeholder, initializer, value
 
 
-def _attribute(module: torch.nn.Module, target: str) -> Any:
-    value: Any = module
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
-
-
 def _direct_graph(module: _FlatCall, args: tuple, prefix: str, static: bool) -> _DirectGraph:
     """A copy of the wrapper's graph to translate: its inputs as placeholders, every tensor
     attribute and baked adapter tensor as a placeholder that becomes an initializer (named
@@ -316,7 +309,7 @@ def _direct_graph(module: _FlatCall, args: tuple, prefix: str, static: bool) -> 
     for node in gm.graph.nodes:
         if node.op != "get_attr":
             continue
-        value = _attribute(gm, node.target)
+        value = operator.attrgetter(node.target)(gm)
         if not isinstance(value, torch.Tensor):
             raise _NotDirect(f"get_attr {node.target} is a {type(value).__name__}")
         if id(value) in lifted:  # tied weights: one initializer

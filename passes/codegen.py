@@ -14,6 +14,7 @@ use.
 from __future__ import annotations
 
 import math
+import operator
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -27,13 +28,6 @@ def _op_handle(target: Any) -> Any:
     if isinstance(target, torch._ops.OpOverload):
         return getattr(target, "_op", target)
     return target
-
-
-def _attr(root: torch.nn.Module, target: str) -> Any:
-    value: Any = root
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 class GraphFunction:
@@ -122,7 +116,7 @@ class GraphFunction:
         """The graph as a function, its ``get_attr`` values read from ``root`` now."""
         scope = dict(self._globals)
         for index, target in enumerate(self.attributes):
-            scope[f"_a{index}"] = _attr(root, target)
+            scope[f"_a{index}"] = operator.attrgetter(target)(root)
         scope.update(constants)
         exec(self._code, scope)  # defines the function, its globals the bound scope
         return scope[self.name]

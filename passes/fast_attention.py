@@ -27,7 +27,11 @@ from typing import Any
 import torch
 import torch.fx
 
-from adaption_fx.passes.insert import ADAPTION_META_KEY
+from adaption_fx.passes.insert import (
+    ADAPTION_META_KEY,
+    is_adapter_attention,
+    without_batch_expand,
+)
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -53,12 +57,6 @@ def sdpa_arguments(node: torch.fx.Node) -> dict[str, Any]:
 def _set_sdpa(node: torch.fx.Node, named: dict[str, Any]) -> None:
     node.args = (named["query"], named["key"], named["value"])
     node.kwargs = {k: named[k] for k in _SDPA_DEFAULTS if named[k] != _SDPA_DEFAULTS[k]}
-
-
-def is_adapter_attention(node: torch.fx.Node) -> bool:
-    """The adapter branch's fused attention (written by the insert pass)."""
-    tag = node.meta.get(ADAPTION_META_KEY) or {}
-    return node.target == SDPA and tag.get("role") == "out"
 
 
 def model_attention(graph: torch.fx.Graph) -> list[torch.fx.Node]:
@@ -286,17 +284,6 @@ def pack_single_query(graph: torch.fx.Graph) -> int:
 
 
 # --------------------------------------------------------------------------- adapter
-def _unexpanded(node: Any) -> Any:
-    # The batch expand exists for SDPA only; element-wise ops broadcast the batch themselves.
-    if (
-        isinstance(node, torch.fx.Node)
-        and node.target == aten.expand.default
-        and node.meta.get(ADAPTION_META_KEY)
-    ):
-        return node.args[0]
-    return node
-
-
 def serial_adapter_attention(graph: torch.fx.Graph) -> int:
     """Write each fused adapter attention, ``SDPA(Q, K_a, V_a, scale=1)``, as
     ``sum(softmax(sum(Q * K_a)) * V_a)`` in element-wise ops and reductions (the softmax
@@ -322,7 +309,11 @@ def serial_adapter_attention(graph: torch.fx.Graph) -> int:
         ):
             continue
         tag = dict(node.meta[ADAPTION_META_KEY])
-        query, key, value = named["query"], _unexpanded(named["key"]), _unexpanded(named["value"])
+        query, key, value = (
+            named["query"],
+            without_batch_expand(named["key"]),
+            without_batch_expand(named["value"]),
+        )
         new: list[torch.fx.Node] = []
 
         def call(target, *args, _new=new):
@@ -371,7 +362,6 @@ def serial_adapter_attention(graph: torch.fx.Graph) -> int:
 __all__ = [
     "drop_attention_masks",
     "float_attention_masks",
-    "is_adapter_attention",
     "model_attention",
     "native_gqa",
     "pack_single_query",

@@ -302,11 +302,31 @@ def insert_adaption_prompt(
     return AdaptionGraph(graph_module=rewritten, sites=tuple(sites), adapter_inputs=tuple(keys))
 
 
+def is_adapter_attention(node: torch.fx.Node) -> bool:
+    """The adapter branch's fused attention (an SDPA node this pass wrote, role ``out``)."""
+    tag = node.meta.get(ADAPTION_META_KEY) or {}
+    return node.target == aten.scaled_dot_product_attention.default and tag.get("role") == "out"
+
+
+def without_batch_expand(node: object) -> object:
+    """The adapter keys or values before the batch expand this pass adds for SDPA (SDPA
+    needs the batch; broadcasting ops do not); ``node`` itself where it is no such expand."""
+    if (
+        isinstance(node, torch.fx.Node)
+        and node.target == aten.expand.default
+        and node.meta.get(ADAPTION_META_KEY)
+    ):
+        return node.args[0]
+    return node
+
+
 __all__ = [
     "ADAPTION_META_KEY",
     "AdaptionGraph",
     "adapter_tensor_shapes",
     "gate_key",
     "insert_adaption_prompt",
+    "is_adapter_attention",
     "prompt_key",
+    "without_batch_expand",
 ]

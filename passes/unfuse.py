@@ -15,25 +15,17 @@ import torch
 import torch.fx
 
 from adaption_fx.passes.graph_copy import copy_flat_graph, graph_module_sharing
-from adaption_fx.passes.insert import ADAPTION_META_KEY
+from adaption_fx.passes.insert import (
+    ADAPTION_META_KEY,
+    is_adapter_attention,
+    without_batch_expand,
+)
 
 aten = torch.ops.aten
 
 
 def _adapter_sdpa(graph: torch.fx.Graph) -> list[torch.fx.Node]:
-    return [
-        n
-        for n in graph.nodes
-        if n.target == aten.scaled_dot_product_attention.default
-        and n.meta.get(ADAPTION_META_KEY, {}).get("role") == "out"
-    ]
-
-
-def _unexpanded(node: torch.fx.Node) -> torch.fx.Node:
-    # The batch expand exists for SDPA only; matmul broadcasts the batch dimension itself.
-    if node.target == aten.expand.default and node.meta.get(ADAPTION_META_KEY):
-        return node.args[0]
-    return node
+    return [n for n in graph.nodes if is_adapter_attention(n)]
 
 
 def unfuse_adapter_attention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -50,7 +42,7 @@ def unfuse_adapter_attention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         query, key, value = node.args[:3]
         tag = dict(node.meta[ADAPTION_META_KEY])
         with graph.inserting_before(node):
-            key_t = graph.call_function(aten.transpose.int, (_unexpanded(key), -2, -1))
+            key_t = graph.call_function(aten.transpose.int, (without_batch_expand(key), -2, -1))
             scores = graph.call_function(aten.matmul.default, (query, key_t))
             probs = graph.call_function(aten.softmax.int, (scores, -1, torch.float32))
             query_val = query.meta.get("val")
@@ -58,7 +50,7 @@ def unfuse_adapter_attention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 probs = graph.call_function(
                     aten._to_copy.default, (probs,), {"dtype": query_val.dtype}
                 )
-            out = graph.call_function(aten.matmul.default, (probs, _unexpanded(value)))
+            out = graph.call_function(aten.matmul.default, (probs, without_batch_expand(value)))
         for new in (key_t, scores, probs, out):
             new.meta[ADAPTION_META_KEY] = {**tag, "role": f"unfused_{new.name}"}
         out.meta[ADAPTION_META_KEY] = tag
@@ -66,7 +58,7 @@ def unfuse_adapter_attention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         graph.erase_node(node)
         # The batch expands and the batch size they read are left without users.
         for dead in (key, value):
-            if dead is not _unexpanded(dead) and not dead.users:
+            if dead is not without_batch_expand(dead) and not dead.users:
                 size = dead.args[1][0]
                 graph.erase_node(dead)
                 if isinstance(size, torch.fx.Node) and not size.users:
