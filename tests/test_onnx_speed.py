@@ -94,6 +94,20 @@ def test_fallback_to_torch_onnx_export(model, tmp_path, monkeypatch):
     assert_matches_eager(path, model, seed=6)
 
 
+def test_direct_translation_runs_bit_identical_to_torch_onnx_export(model, tmp_path, monkeypatch):
+    direct = to_onnx(model, tmp_path / "direct.onnx", progress=False)
+
+    def not_direct(*args, **kwargs):
+        raise onnx_export._NotDirect("injected")
+
+    monkeypatch.setattr(onnx_export, "_direct_graph", not_direct)
+    exported = to_onnx(model, tmp_path / "exported.onnx", progress=False)
+    ids, mask = padded_batch(3, 9, seed=5)
+    got = np.asarray(OrtModel(direct)(input_ids=ids, attention_mask=mask))
+    expected = np.asarray(OrtModel(exported)(input_ids=ids, attention_mask=mask))
+    np.testing.assert_array_equal(got, expected)
+
+
 class _Mixed(torch.nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         return (x * counts).softmax(-1)
