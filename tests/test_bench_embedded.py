@@ -40,6 +40,7 @@ ROWS = [
         for key in ("ours/base_hf", "ort/ours", "peft_hf/base_hf", "tokens_per_s", "same_tokens")
     ),
     "train_ours/peft",
+    "train_ours_fused/peft",
     "train_flops_ours/peft",
     "train_operators_ours/peft",
     "train_time_minus_flops",
