@@ -13,6 +13,7 @@ from adaption_fx.text import generate_text
 
 __all__ = [
     "AdaptedModel",
+    "AdapterTrainer",
     "AdaptionConfig",
     "AttentionNotFoundError",
     "CaptureError",
@@ -21,3 +22,12 @@ __all__ = [
     "rewrite",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # AdapterTrainer imports transformers.Trainer (and accelerate): only when asked for.
+    if name == "AdapterTrainer":
+        from adaption_fx.trainer import AdapterTrainer
+
+        return AdapterTrainer
+    raise AttributeError(f"module 'adaption_fx' has no attribute {name!r}")

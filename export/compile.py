@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from adaption_fx.eager import GradientCheckpointing, checkpoint_adapted_layers
 from adaption_fx.generate import EosTokenIds
 from adaption_fx.model import AdaptedModel
 from adaption_fx.passes.unfuse import unfuse_adapter_attention
@@ -31,7 +32,9 @@ class CompiledModel(torch.nn.Module):
         self._options = dict(options)
         # Keyed by the model's graph module itself (not its id, which a freed graph's could
         # alias), whatever graph is compiled for it.
-        self._compiled: dict[torch.fx.GraphModule, Any] = {}
+        # A graph is compiled again with gradient checkpointing for calls under autograd
+        # while the model has it enabled (see AdaptedModel.gradient_checkpointing_enable).
+        self._compiled: dict[tuple[torch.fx.GraphModule, GradientCheckpointing | None], Any] = {}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model.run_graphs(self._compiled_graph, args, kwargs)
@@ -52,7 +55,8 @@ class CompiledModel(torch.nn.Module):
         return self.model.default_token_ids
 
     def _compiled_graph(self, graph_module: torch.fx.GraphModule) -> Any:
-        compiled = self._compiled.get(graph_module)
+        plan = self.model.checkpointing_plan if torch.is_grad_enabled() else None
+        compiled = self._compiled.get((graph_module, plan))
         if compiled is None:
             logger.info("compiling %s with %s", type(graph_module).__name__, self._options)
             target = graph_module
@@ -60,8 +64,12 @@ class CompiledModel(torch.nn.Module):
                 # Inductor does better with the adapter attention written out (see unfuse);
                 # other backends compile the graph as captured (what eager inference runs).
                 target = unfuse_adapter_attention(graph_module)
+            if plan is not None:
+                # Dynamo keeps torch.utils.checkpoint regions (non-reentrant) as regions the
+                # partitioner recomputes in the backward.
+                target = checkpoint_adapted_layers(target, plan)
             compiled = torch.compile(target, **self._options)
-            self._compiled[graph_module] = compiled
+            self._compiled[(graph_module, plan)] = compiled
         return compiled
 
 

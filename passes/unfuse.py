@@ -45,13 +45,16 @@ def unfuse_adapter_attention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             key_t = graph.call_function(aten.transpose.int, (without_batch_expand(key), -2, -1))
             scores = graph.call_function(aten.matmul.default, (query, key_t))
             probs = graph.call_function(aten.softmax.int, (scores, -1, torch.float32))
+            created = [key_t, scores, probs]
             query_val = query.meta.get("val")
             if query_val is not None and query_val.dtype != torch.float32:
                 probs = graph.call_function(
                     aten._to_copy.default, (probs,), {"dtype": query_val.dtype}
                 )
+                created.append(probs)
             out = graph.call_function(aten.matmul.default, (probs, without_batch_expand(value)))
-        for new in (key_t, scores, probs, out):
+        # Every new node carries the site's tag (passes find a node's layer by it).
+        for new in (*created, out):
             new.meta[ADAPTION_META_KEY] = {**tag, "role": f"unfused_{new.name}"}
         out.meta[ADAPTION_META_KEY] = tag
         node.replace_all_uses_with(out)
