@@ -383,6 +383,20 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         checkpointing = self._checkpointing
         return lambda graph_module: eager_graph(graph_module, checkpointing)
 
+    def release_base_holders(self) -> None:
+        """Drop every reference to the base weights other than this model's own graphs:
+        the source model (so :meth:`generate` is no longer available), the decode-step
+        twin, the mask-free causal capture and its graphs (forward always runs the masked
+        capture), the folded inference graphs and the capture's reference weight. For
+        sharding the base (``adaption_fx.sharded``), where no full copy may stay alive."""
+        object.__setattr__(self, "_source", None)
+        object.__setattr__(self, "_decoder", None)
+        self._captured.reference_weight = None
+        self._captured.causal = None
+        self._causal_sites = None
+        self._causal_graphs.clear()
+        self._folded.clear()
+
     # ----------------------------------------------------------------- checkpointing
     def gradient_checkpointing_enable(
         self, gradient_checkpointing_kwargs: Mapping[str, Any] | None = None

@@ -14,9 +14,7 @@ def _self_contained_examples() -> list[str]:
     # Runnable examples begin with "import ..."; the API overviews (from ...) use placeholders.
     # The Trainer example writes files: test_hf_trainer.py runs it in a temporary directory.
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    return [
-        b for b in blocks if b.lstrip().startswith("import ") and "AdapterTrainer(" not in b
-    ]
+    return [b for b in blocks if b.lstrip().startswith("import ") and "AdapterTrainer(" not in b]
 
 
 def test_readme_has_the_usage_and_serving_examples():
