@@ -45,6 +45,7 @@ from torch.utils._pytree import tree_leaves
 
 from adaption_fx import AdaptedModel, AdaptionConfig, rewrite
 from adaption_fx.passes.locate import plain_module_path
+from bench.run import build_llama
 
 OUTSIDE = "outside the layers"
 TARGETS = {"ours/peft": 0.9, "checkpointed/ours": 0.35}
@@ -201,23 +202,6 @@ def ours_by_layer(model: AdaptedModel, feed: dict[str, Any]) -> StepMemory:
 
 
 # --------------------------------------------------------------------- models
-def _toy_model(cfg: MemoryConfig) -> Any:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=cfg.vocab,
-            hidden_size=cfg.hidden,
-            intermediate_size=cfg.intermediate,
-            num_hidden_layers=cfg.layers,
-            num_attention_heads=cfg.heads,
-            num_key_value_heads=cfg.kv_heads,
-            max_position_embeddings=4096,
-        )
-    ).eval()
-
-
 def _embedded_model() -> Any:
     from adaption_fx.pretrained import load_pretrained
 
@@ -266,7 +250,7 @@ def compare(cfg: MemoryConfig, base: Any | None = None) -> dict[str, Any]:
     """Ours, ours with gradient checkpointing and PEFT on one model; plus ours' saved
     bytes by layer with only the top ``split_layers`` adapted."""
     with _threads(cfg.threads):
-        base = base if base is not None else _toy_model(cfg)
+        base = base if base is not None else build_llama(cfg)  # same fields as run.Config
         layers = base.config.num_hidden_layers
         adapter = AdaptionConfig(
             adapter_len=cfg.adapter_len, adapter_layers=cfg.adapter_layers or layers

@@ -35,10 +35,7 @@ import torch.fx
 
 from adaption_fx.passes.activation_checkpoint import Region
 from adaption_fx.passes.errors import UnsupportedGraphError
-
-
-def _within(path: str, prefix: str) -> bool:
-    return path == prefix or path.startswith(prefix + ".")
+from adaption_fx.passes.locate import within
 
 
 def _install(root: torch.nn.Module, path: str, value: object) -> None:
@@ -110,7 +107,7 @@ def outline_layers(gm: torch.fx.GraphModule, regions: Sequence[Region]) -> torch
             continue
         target = str(node.target)
         for index, region in enumerate(regions):
-            if not _within(target, region.module_path):
+            if not within(target, region.module_path):
                 continue
             readers = [u for u in node.users if owner.get(u) != index]
             if readers:
@@ -187,7 +184,7 @@ def outline_layers(gm: torch.fx.GraphModule, regions: Sequence[Region]) -> torch
             continue
         target = str(node.target)
         path = target.rpartition(".")[0]
-        if path and not any(_within(r.module_path, path) for r in regions):
+        if path and not any(within(r.module_path, path) for r in regions):
             # share the owning module itself, not only the tensor
             _install(holder, path, gm.get_submodule(path))
         else:
