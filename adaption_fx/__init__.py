@@ -6,12 +6,14 @@
 
 from adaption_fx.capture import CaptureError
 from adaption_fx.config import AdaptionConfig
+from adaption_fx.mixed_batch import BASE_ADAPTER
 from adaption_fx.model import AdaptedModel
 from adaption_fx.passes.errors import AttentionNotFoundError, UnsupportedGraphError
 from adaption_fx.rewrite import rewrite
 from adaption_fx.text import generate_text
 
 __all__ = [
+    "BASE_ADAPTER",
     "AdaptedModel",
     "AdapterTrainer",
     "AdaptionConfig",

@@ -268,10 +268,15 @@ class TorchSession:
     shapes, picks the variant (one host read: whether the mask is all ones) and calls it.
     """
 
-    def __init__(self, decoder: AdaptedModel, runner: Any = None):
+    def __init__(
+        self, decoder: AdaptedModel, runner: Any = None, adapter_names: list[str] | None = None
+    ):
         self.decoder = decoder
         decoder.captured.check_placement()
-        self.graph_module, self.adapter_values = decoder.inference_graph()
+        if adapter_names is None:
+            self.graph_module, self.adapter_values = decoder.inference_graph()
+        else:  # one adapter per row (checked by the caller): the mixed graph and its table
+            self.graph_module, self.adapter_values = decoder.mixed_inference_graph(adapter_names)
         # How the graph runs (see AdaptedModel.run_graphs): eagerly, or compiled.
         self.run = (runner or (lambda gm: gm))(self.graph_module)
         self.layout = decoder.cache_layout

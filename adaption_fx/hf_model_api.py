@@ -39,7 +39,8 @@ def forward_signature(captured: CapturedModel) -> inspect.Signature:
     ``arg0``, ``arg1``, ...; keyword inputs keep their names, with the captured constants
     (``use_cache=False``) and, for Hugging Face causal LMs, ``attention_mask=None`` as
     defaults; ``labels`` and ``num_items_in_batch`` follow, keyword-only, where the capture
-    has a loss function. A graph captured without input structure takes ``*args``.
+    has a loss function, then ``adapter_names`` (keyword-only). A graph captured without
+    input structure takes ``*args``.
     """
     P = inspect.Parameter
     if captured.in_spec is None:
@@ -60,6 +61,8 @@ def forward_signature(captured: CapturedModel) -> inspect.Signature:
             params.append(P(name, kind, default=default))
     if captured.loss_function is not None:
         params.extend(P(name, P.KEYWORD_ONLY, default=None) for name in LOSS_KEYWORDS)
+    # One adapter per batch row (see AdaptedModel.forward); every model takes it.
+    params.append(P("adapter_names", P.KEYWORD_ONLY, default=None))
     return inspect.Signature(params)
 
 

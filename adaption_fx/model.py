@@ -26,6 +26,13 @@ from adaption_fx.generate import (
 )
 from adaption_fx.generate import generate as generate_tokens
 from adaption_fx.hf_model_api import HuggingFaceModelAPI, signed_forward, with_loss
+from adaption_fx.mixed_batch import (
+    AdapterTable,
+    TableEntry,
+    build_adapter_table,
+    check_adapter_names,
+    union_sites,
+)
 from adaption_fx.passes.errors import AttentionNotFoundError, UnsupportedGraphError
 from adaption_fx.passes.fold import adapter_projection, fold_adapter_kv
 from adaption_fx.passes.insert import (
@@ -34,6 +41,7 @@ from adaption_fx.passes.insert import (
     insert_adaption_prompt,
 )
 from adaption_fx.passes.locate import locate_attention, select_top_sites
+from adaption_fx.passes.mixed_batch import MixedGraph, insert_mixed_adapters
 from adaption_fx.passes.site import AttentionSite
 
 logger = logging.getLogger(__name__)
@@ -122,6 +130,14 @@ def _matching_sites(
     return found
 
 
+def _batch_size(flat: list[Any]) -> int:
+    """Rows of a batch: the leading size of the first tensor input."""
+    for value in flat:
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    raise ValueError("adapter_names needs a batched tensor input; the call has none")
+
+
 class IncompatibleKeys(NamedTuple):
     missing_keys: list[str]
     unexpected_keys: list[str]
@@ -135,7 +151,9 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
     tensors (frozen, never copied); each adapter's prompts and gates are parameters, which
     require grad while that adapter is the active one (as in PEFT). Adapters that share
     adapter_len, adapted layers and gate variant run the same rewritten graph with
-    different tensors bound to its adapter inputs.
+    different tensors bound to its adapter inputs. ``adapter_names=[...]`` in
+    :meth:`forward` and :meth:`generate` gives each batch row its own adapter (see
+    :mod:`adaption_fx.mixed_batch`).
     """
 
     def __init__(self, captured: CapturedModel, sites: list[AttentionSite]):
@@ -161,6 +179,12 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         self._folded: dict[StructureKey, tuple[Any, ...]] = {}
         # Set by gradient_checkpointing_enable: which layers the training twin recomputes.
         self._checkpointing: GradientCheckpointing | None = None
+        # Mixed batches (adapter_names=[...]): per capture (causal or not), the mixed graph
+        # of the sites the adapters adapt; the adapter table and the adapters' state it was
+        # built from; each structure's adapter projection (prompts to folded tensors).
+        self._mixed: dict[bool, tuple[tuple[str, ...], MixedGraph]] = {}
+        self._table: tuple[tuple[Any, ...], AdapterTable] | None = None
+        self._projections: dict[StructureKey, tuple[torch.fx.GraphModule, tuple[str, ...]]] = {}
 
     # ----------------------------------------------------------------- inspection
     @property
@@ -341,6 +365,7 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
     def _drop_graphs(self, key: StructureKey) -> None:
         del self._graphs[key]
         self._folded.pop(key, None)
+        self._projections.pop(key, None)
         self._causal_graphs.pop(key, None)
 
     def _resolve(self, adapter_name: str | None) -> str:
@@ -361,9 +386,15 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         *args: Any,
         labels: torch.Tensor | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
+        adapter_names: list[str] | None = None,
         **kwargs: Any,
     ) -> Any:
         """Run the model: same arguments and output structure as the source model.
+
+        ``adapter_names`` (one name per batch row: a registered adapter, or ``"__base__"``
+        for the base model, as in PEFT) runs each row with its own adapter in one call;
+        each row's result is what that row gives alone with its adapter active. Mixed
+        batches are for inference: they run without autograd and refuse ``labels``.
 
         For Hugging Face causal LMs, ``labels=`` adds ``loss`` computed with the source
         model's own loss function (outside the graph); ``num_items_in_batch`` goes to it as
@@ -375,6 +406,8 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
             kwargs["labels"] = labels
         if num_items_in_batch is not None:
             kwargs["num_items_in_batch"] = num_items_in_batch
+        if adapter_names is not None:
+            kwargs["adapter_names"] = adapter_names
         return self.run_graphs(self.eager_runner(), args, kwargs)
 
     def eager_runner(self) -> Callable[[torch.fx.GraphModule], torch.fx.GraphModule]:
@@ -440,14 +473,22 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
 
         Binding, adapter selection and output structure stay here; the runner decides how
         a graph executes (eagerly, or compiled: see ``adaption_fx.export.compile``).
+        ``kwargs`` may hold ``adapter_names`` (see :meth:`forward`).
         """
         parent = self.__dict__.get("_parent")
         if parent is not None:  # a decode-step twin runs its parent's adapter state
             parent._sync(self)
         captured = self._captured
         captured.check_placement()
+        adapter_names = kwargs.pop("adapter_names", None)
         labels = kwargs.pop("labels", None) if captured.loss_function else None
         num_items = kwargs.pop("num_items_in_batch", None) if captured.loss_function else None
+        if adapter_names is not None and labels is not None:
+            raise ValueError(
+                "adapter_names cannot be combined with labels: a mixed batch is for "
+                "inference, training runs one adapter at a time (set_adapter(name), then "
+                "train on that adapter's rows)"
+            )
         if captured.in_spec is None:
             flat, causal_flat = captured.bind(args, kwargs), None
         else:
@@ -455,6 +496,17 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
             causal_flat = captured.causal_inputs(pos, named)
             flat = causal_flat if causal_flat is not None else captured.flatten(pos, named)
         graph = self._active_graph()
+        if adapter_names is not None:
+            names = check_adapter_names(adapter_names, _batch_size(flat), list(self._configs))
+            if graph is not None:
+                mixed = self.mixed_graph(causal=causal_flat is not None)
+                table = self.adapter_table()
+                rows = table.rows(names)
+                with torch.no_grad():
+                    outputs = runner(mixed.graph_module)(
+                        *flat, *table.inputs(mixed.table_inputs, rows)
+                    )
+                return captured.unflatten(outputs)
         if graph is None:
             base = self.base_graph_module if causal_flat is None else captured.causal.graph_module
             outputs = runner(base)(*flat)
@@ -498,6 +550,78 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         with torch.no_grad():
             values = dict(zip(names, projection(*self.adapter_tensors()), strict=True))
         return folded_gm, [values[name].detach() for name in inputs]
+
+    # ----------------------------------------------------------------- mixed batches
+    def mixed_graph(self, causal: bool = False) -> MixedGraph:
+        """The graph a mixed batch (``adapter_names=[...]``) runs: every site some adapter
+        adapts, each row's adapter picked from :meth:`adapter_table` (see
+        ``passes/mixed_batch.py``). ``causal``: of the mask-free causal capture. Built on
+        first use and again when the adapted sites change."""
+        if not self._configs:
+            raise ValueError("a mixed batch needs at least one adapter; there are none")
+        if causal:
+            if self._causal_sites is None:
+                raise ValueError("this model has no mask-free causal capture")
+            sites, gm = self._causal_sites, self._captured.causal.graph_module
+        else:
+            sites, gm = self._sites, self.base_graph_module
+        adapted = [self.adapted_sites(name) for name in self._configs]
+        paths = tuple(s.module_path for s in union_sites(self._sites, adapted))
+        cached = self._mixed.get(causal)
+        if cached is None or cached[0] != paths:
+            selected = [s for s in sites if s.module_path in paths]
+            cached = (paths, insert_mixed_adapters(gm, selected))
+            self._mixed[causal] = cached
+            logger.info("built the mixed-batch graph for %d sites", len(selected))
+        return cached[1]
+
+    def adapter_table(self) -> AdapterTable:
+        """Every adapter's folded keys, values and gates, stacked for :meth:`mixed_graph`
+        (row 0 is the base model, then the adapters in order). Rebuilt when an adapter is
+        added, removed or changed (its tensors written in place, e.g. by an optimizer)."""
+        state = tuple(
+            (
+                name,
+                self._adapter_structure[name],
+                id(weights),
+                *(p._version for p in weights.parameters()),
+            )
+            for name, weights in self.adapter_weights.items()
+        )
+        if self._table is not None and self._table[0] == state:
+            return self._table[1]
+        entries = {}
+        for name, config in self._configs.items():
+            key = self._adapter_structure[name]
+            cached = self._projections.get(key)
+            if cached is None:
+                cached = adapter_projection(self._graphs[key])
+                self._projections[key] = cached
+            projection, names = cached
+            with torch.no_grad():
+                values = projection(*self.adapter_tensors(name))
+            # detach: an identity gate activation passes the gate parameter itself through.
+            folded = {n: v.detach() for n, v in zip(names, values, strict=True)}
+            entries[name] = TableEntry(config.adapter_len, folded)
+        sites = self.mixed_graph().sites
+        reference = next(iter(entries.values())).values
+        sample = next(iter(reference.values()))
+        table = build_adapter_table(sites, entries, dtype=sample.dtype, device=sample.device)
+        self._table = (state, table)
+        return table
+
+    def mixed_inference_graph(
+        self, adapter_names: list[str]
+    ) -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:
+        """As :meth:`inference_graph`, for a batch whose rows use ``adapter_names`` (checked
+        by the caller): the mixed graph of the masked capture and its table inputs; the
+        base graph while adapters are disabled or none is left."""
+        if self._active_graph() is None:
+            return self.base_graph_module, []
+        mixed = self.mixed_graph()
+        table = self.adapter_table()
+        rows = table.rows(adapter_names)
+        return mixed.graph_module, table.inputs(mixed.table_inputs, rows)
 
     def adaption_graph(self, adapter_name: str | None = None) -> AdaptionGraph:
         """The rewritten graph an adapter runs (the active adapter's by default)."""
@@ -585,6 +709,7 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         pad_token_id: int | ModelDefault | None = MODEL_DEFAULT,
         seed: int | None = None,
         use_cache: bool = True,
+        adapter_names: list[str] | None = None,
         _runner: Callable[[torch.fx.GraphModule], Callable[..., Any]] | None = None,
     ) -> torch.Tensor:
         """Generate tokens with the active adapter (or the base model while disabled).
@@ -601,10 +726,18 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         ``top_k`` most likely tokens and to the smallest set whose probability reaches
         ``top_p``; ``seed`` makes it reproducible. ``use_cache=False`` recomputes the whole
         sequence each step (for checking the cache). Runs under ``torch.no_grad()``.
+
+        ``adapter_names`` (one per row: a registered adapter or ``"__base__"``) generates
+        each row with its own adapter, as :meth:`forward` does; every row's tokens are the
+        ones it generates alone with its adapter active.
         """
+        names = None
+        if adapter_names is not None:
+            batch = input_ids.shape[0] if isinstance(input_ids, torch.Tensor) else -1
+            names = check_adapter_names(adapter_names, batch, list(self._configs))
         decoder = self.decoder()
         return generate_tokens(
-            TorchSession(decoder, _runner),
+            TorchSession(decoder, _runner, adapter_names=names),
             input_ids,
             attention_mask,
             max_new_tokens=max_new_tokens,

@@ -202,7 +202,8 @@ def ours_by_layer(model: AdaptedModel, feed: dict[str, Any]) -> StepMemory:
 
 
 # --------------------------------------------------------------------- models
-def _embedded_model() -> Any:
+def embedded_model() -> Any:
+    """The embedded SmolLM2-135M-Instruct (fp32, CPU, eval)."""
     from adaption_fx.pretrained import load_pretrained
 
     return load_pretrained(None).model
@@ -237,7 +238,8 @@ def _feed(base: Any, batch: int, seq: int) -> dict[str, torch.Tensor]:
 
 
 @contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` inside, restored after."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -249,7 +251,7 @@ def _threads(n: int) -> Iterator[None]:
 def compare(cfg: MemoryConfig, base: Any | None = None) -> dict[str, Any]:
     """Ours, ours with gradient checkpointing and PEFT on one model; plus ours' saved
     bytes by layer with only the top ``split_layers`` adapted."""
-    with _threads(cfg.threads):
+    with torch_threads(cfg.threads):
         base = base if base is not None else build_llama(cfg)  # same fields as run.Config
         layers = base.config.num_hidden_layers
         adapter = AdaptionConfig(
@@ -346,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model in ("toy", "both"):
         results["toy"] = compare(TOY_QUICK if args.quick else TOY)
     if args.model in ("embedded", "both") and not args.quick:
-        results["embedded"] = compare(EMBEDDED, base=_embedded_model())
+        results["embedded"] = compare(EMBEDDED, base=embedded_model())
     text = "\n\n".join(table(r) for r in results.values())
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

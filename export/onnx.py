@@ -6,12 +6,23 @@ folded for inference by default, or the base graph while adapters are disabled. 
 adapter of the same structure. A small companion file (``<name>.adapter.onnx``) then maps a
 checkpoint's prompts and gates to those inputs, so ONNX Runtime can load an adapter
 directory without PyTorch weights.
+
+With ``mixed_batch=True`` the file is the mixed-batch graph (``passes/mixed_batch.py``):
+each batch row picks its adapter from tables that are inputs too, so one file serves a
+batch mixing any adapters (and the base model) whose layers it covers. Its companion
+projects prompts, zero-padded to the file's ``mixed_max_adapter_len``, at every covered
+layer: the key and value paths work token by token (the prompt gets no positional
+encoding), so the first ``adapter_len`` keys and values of a padded prompt are those of
+the prompt itself, and one projection serves adapters of every length and layer set.
+Gates need no projection: the reader applies the checkpoint's gate activation and repeats
+a scalar gate per head.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import logging
 import operator
@@ -31,10 +42,23 @@ import torch.fx
 import torch.utils._pytree as pytree
 from tqdm.auto import tqdm
 
+from adaption_fx.config import AdaptionConfig
 from adaption_fx.model import AdaptedModel
 from adaption_fx.passes.cleanup import functionalize_fresh_inplace, is_functional
-from adaption_fx.passes.fold import adapter_projection, fold_adapter_kv
-from adaption_fx.passes.insert import AdaptionGraph
+from adaption_fx.passes.fold import FOLDED_SUFFIXES, adapter_projection, fold_adapter_kv
+from adaption_fx.passes.insert import (
+    PROMPT_SUFFIX,
+    AdaptionGraph,
+    insert_adaption_prompt,
+    prompt_key,
+)
+from adaption_fx.passes.locate import select_top_sites
+from adaption_fx.passes.mixed_batch import (
+    KEY_MASK_INPUT,
+    ROWS_INPUT,
+    MixedGraph,
+    insert_mixed_adapters,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,17 +67,25 @@ PROJECTION_SUFFIX = ".adapter.onnx"
 
 
 class _FlatCall(torch.nn.Module):
-    """Calls a flat graph with tensor inputs positionally, filling captured constants."""
+    """Calls a flat graph with tensor inputs positionally, filling captured constants.
+
+    ``input_dims``: for the inputs after the model's own (the adapter inputs), each one's
+    dynamic axes as ``{axis: name}``; the name ``"batch"`` is the model inputs' batch size,
+    any other name a size of its own, shared by every axis of that name (see
+    :func:`_symbolic_inputs`). None: those inputs have static sizes.
+    """
 
     def __init__(
         self,
         graph_module: torch.fx.GraphModule,
         layout: list[tuple[str, Any]],
         buffers: dict[str, torch.Tensor],
+        input_dims: list[dict[int, str]] | None = None,
     ):
         super().__init__()
         self.graph_module = graph_module
         self.layout = layout
+        self.input_dims = input_dims
         for name, value in buffers.items():
             self.register_buffer(name, value)
         self.buffer_names = list(buffers)
@@ -104,6 +136,228 @@ def _plan(
         return _Plan(graph.graph_module, list(named), named, {}, False, adapter, graph, tensors)
     baked = {k.replace(".", "_"): v for k, v in named.items()}
     return _Plan(graph.graph_module, [], {}, baked, False, adapter, graph, tensors)
+
+
+# ----------------------------------------------------------------------- mixed batches
+# Names of the table inputs' dynamic axes (``torch.export.Dim`` names, and the ONNX inputs'
+# axis names): the number of table rows (the base model's row and one per adapter) and the
+# adapter keys per row (the longest prompt in the table).
+ADAPTERS_DIM = "adapters"
+ADAPTER_KEYS_DIM = "adapter_keys"
+
+
+@dataclass
+class _MixedPlan:
+    """What a ``mixed_batch=True`` export needs beyond the model inputs."""
+
+    graph: MixedGraph
+    examples: list[torch.Tensor]  # one per table input
+    input_dims: list[dict[int, str]]  # per table input: axis -> dim name
+    dtype: torch.dtype
+    max_adapter_len: int
+    adapter_layers: int
+    projection: torch.fx.GraphModule  # prompts (max_adapter_len long) -> keys and values
+    projection_inputs: list[str]
+    projection_outputs: list[str]
+    projection_examples: list[torch.Tensor]
+
+
+def _table_dims(table_inputs: tuple[str, ...]) -> list[dict[int, str]]:
+    """Each table input's dynamic axes: rows (batch,), key mask (adapters, keys), per site
+    key/value (adapters, kv_heads, keys, dim) and activated gate (adapters, heads)."""
+    dims = []
+    for name in table_inputs:
+        if name == ROWS_INPUT:
+            dims.append({0: BATCH_DIM})
+        elif name == KEY_MASK_INPUT:
+            dims.append({0: ADAPTERS_DIM, 1: ADAPTER_KEYS_DIM})
+        elif name.endswith(FOLDED_SUFFIXES[2]):
+            dims.append({0: ADAPTERS_DIM})
+        else:
+            dims.append({0: ADAPTERS_DIM, 2: ADAPTER_KEYS_DIM})
+    return dims
+
+
+def _fresh_sizes(taken: set[int], count: int) -> list[int]:
+    """``count`` distinct sizes >= 2 that no example input has: the export trace then ties
+    no table size to another input's size, nor specialises it as 0 or 1."""
+    sizes: list[int] = []
+    size = 3
+    while len(sizes) < count:
+        if size not in taken:
+            sizes.append(size)
+        size += 1
+    return sizes
+
+
+def _prompt_projection(
+    graph: AdaptionGraph,
+) -> tuple[torch.fx.GraphModule, list[str], list[str]]:
+    """The adapter projection of ``graph`` (``passes.fold.adapter_projection``) without its
+    gates: prompts in, per-site folded keys and values out (the gate activation is applied
+    by the reader, from the checkpoint's config). Returns the module, its input names (the
+    prompts' state-dict keys) and its output names."""
+    module, names = adapter_projection(graph)
+    g = module.graph
+    output = next(n for n in g.nodes if n.op == "output")
+    keep = [
+        (name, node)
+        for name, node in zip(names, output.args[0], strict=True)
+        if not name.endswith(FOLDED_SUFFIXES[2])
+    ]
+    output.args = (tuple(node for _, node in keep),)
+    g.eliminate_dead_code()
+    for node in list(g.nodes):
+        if node.op == "placeholder" and not node.users:
+            g.erase_node(node)
+    inputs = [k for k in graph.adapter_inputs if k.endswith(PROMPT_SUFFIX)]
+    if sum(n.op == "placeholder" for n in g.nodes) != len(inputs):
+        raise RuntimeError("the adapter projection reads more than the prompts")
+    g.lint()
+    module.recompile()
+    return module, inputs, [name for name, _ in keep]
+
+
+def _mixed_settings(
+    model: AdaptedModel, max_adapter_len: int | None, adapter_layers: int | None
+) -> tuple[int, int]:
+    """The prompt length and the number of top layers a mixed file covers: the keywords'
+    values, checked against the model's adapters, else its longest and widest adapter's."""
+    for name, value in (
+        ("mixed_max_adapter_len", max_adapter_len),
+        ("mixed_adapter_layers", adapter_layers),
+    ):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"{name} must be an int, got {value!r}")
+        if value is not None and value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value}")
+    configs = model.adapters
+    if not configs and (max_adapter_len is None or adapter_layers is None):
+        raise ValueError(
+            "a mixed_batch export needs at least one adapter, or both mixed_max_adapter_len "
+            "and mixed_adapter_layers to size the file for adapters loaded later"
+        )
+    longest = max(configs.items(), key=lambda kv: kv[1].adapter_len, default=None)
+    widest = max(configs.items(), key=lambda kv: kv[1].adapter_layers, default=None)
+    if max_adapter_len is None:
+        max_adapter_len = longest[1].adapter_len  # type: ignore[index]
+    elif longest is not None and max_adapter_len < longest[1].adapter_len:
+        raise ValueError(
+            f"mixed_max_adapter_len={max_adapter_len} is shorter than adapter "
+            f"{longest[0]!r} (adapter_len={longest[1].adapter_len}): the file could not load "
+            "its checkpoint"
+        )
+    sites = len(model.sites)
+    if adapter_layers is None:
+        adapter_layers = widest[1].adapter_layers  # type: ignore[index]
+    elif widest is not None and adapter_layers < widest[1].adapter_layers:
+        raise ValueError(
+            f"mixed_adapter_layers={adapter_layers} covers fewer layers than adapter "
+            f"{widest[0]!r} adapts (adapter_layers={widest[1].adapter_layers})"
+        )
+    if adapter_layers > sites:
+        raise ValueError(
+            f"mixed_adapter_layers={adapter_layers} but the model has only {sites} attention sites"
+        )
+    return max_adapter_len, adapter_layers
+
+
+def _mixed_plan(
+    model: AdaptedModel,
+    max_adapter_len: int,
+    adapter_layers: int,
+    examples: list[torch.Tensor],
+) -> _MixedPlan:
+    """The mixed-batch graph over the top ``adapter_layers`` sites (``model.mixed_graph()``
+    where that is what the model's adapters adapt), example tables, and the projection of
+    prompts ``max_adapter_len`` long over the same sites."""
+    selected = select_top_sites(model.sites, adapter_layers)
+    paths = [s.module_path for s in selected]
+    mixed = model.mixed_graph() if model.adapters else None
+    if mixed is None or [s.module_path for s in mixed.sites] != paths:
+        mixed = insert_mixed_adapters(model.base_graph_module, selected)
+    weight = model.base_graph_module.get_parameter(selected[0].key_projection.weight)
+    dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    device = weight.device
+    batch = int(examples[0].shape[0]) if examples and examples[0].dim() else 2
+    taken = {int(d) for e in examples for d in e.shape}
+    adapters, keys = _fresh_sizes(taken | {batch}, 2)
+    dims = _table_dims(mixed.table_inputs)
+    by_path = {s.module_path: s for s in mixed.sites}
+    tables: list[torch.Tensor] = []
+    for name in mixed.table_inputs:
+        if name == ROWS_INPUT:
+            tables.append(torch.arange(batch, device=device) % adapters)
+            continue
+        if name == KEY_MASK_INPUT:
+            tables.append(torch.zeros(adapters, keys, dtype=dtype, device=device))
+            continue
+        path, suffix = name.rsplit(".", 1) if "." in name else ("", name)
+        site = by_path[path]
+        shape = {
+            FOLDED_SUFFIXES[0]: (adapters, site.num_kv_heads, keys, site.head_dim),
+            FOLDED_SUFFIXES[1]: (adapters, site.num_kv_heads, keys, site.value_head_dim),
+            FOLDED_SUFFIXES[2]: (adapters, site.num_heads),
+        }[suffix]
+        tables.append(torch.randn(shape, dtype=dtype, device=device))
+
+    union = insert_adaption_prompt(
+        model.base_graph_module,
+        list(mixed.sites),
+        AdaptionConfig(
+            adapter_len=max_adapter_len, adapter_layers=len(mixed.sites), gate="per_head"
+        ),
+    )
+    projection, proj_inputs, proj_outputs = _prompt_projection(union)
+    hidden = {prompt_key(s): s.hidden_size for s in mixed.sites}
+    proj_examples = [
+        torch.randn(1, max_adapter_len, hidden[k]).to(device=device, dtype=dtype)
+        for k in proj_inputs
+    ]
+    return _MixedPlan(
+        graph=mixed,
+        examples=tables,
+        input_dims=dims,
+        dtype=dtype,
+        max_adapter_len=max_adapter_len,
+        adapter_layers=adapter_layers,
+        projection=projection,
+        projection_inputs=proj_inputs,
+        projection_outputs=proj_outputs,
+        projection_examples=proj_examples,
+    )
+
+
+def _mixed_metadata(model: AdaptedModel, mixed: _MixedPlan, projection_name: str) -> dict[str, Any]:
+    """The metadata's ``mixed_batch`` entry: what ``OrtModel`` needs to build tables and
+    project checkpoints without the PyTorch model."""
+    return {
+        "sites": [
+            {
+                "module_path": s.module_path,
+                "num_heads": s.num_heads,
+                "num_kv_heads": s.num_kv_heads,
+                "head_dim": s.head_dim,
+                "value_head_dim": s.value_head_dim,
+                "hidden_size": s.hidden_size,
+            }
+            for s in mixed.graph.sites
+        ],
+        # Every attention site, in execution order: an adapter's adapter_layers=L adapts
+        # the last L of them.
+        "all_sites": [s.module_path for s in model.sites],
+        "adapter_layers": mixed.adapter_layers,
+        "max_adapter_len": mixed.max_adapter_len,
+        "dtype": str(mixed.dtype).removeprefix("torch."),
+        "table_inputs": list(mixed.graph.table_inputs),
+        "rows_input": ROWS_INPUT,
+        "key_mask_input": KEY_MASK_INPUT,
+        "projection": projection_name,
+        "projection_inputs": mixed.projection_inputs,
+        "projection_outputs": mixed.projection_outputs,
+        # The adapters the model held at export (for reference: OrtModel loads its own).
+        "adapters": {name: config.to_dict() for name, config in model.adapters.items()},
+    }
 
 
 def _concrete(example: torch.Tensor) -> torch.Tensor:
@@ -283,11 +537,16 @@ def _direct_graph(module: _FlatCall, args: tuple, prefix: str, static: bool) -> 
     inputs: list[torch.fx.Node] = []
     weights: list[tuple[torch.fx.Node, str, torch.Tensor]] = []
 
-    def placeholder(node: torch.fx.Node, value: torch.Tensor, fixed: bool) -> torch.fx.Node:
-        """``fixed``: the input's sizes never vary (weights, adapter tensors)."""
+    def placeholder(
+        node: torch.fx.Node, value: torch.Tensor, fixed: bool, val: Any = None
+    ) -> torch.fx.Node:
+        """``fixed``: the input's sizes never vary (weights, adapter tensors); ``val``: the
+        fake tensor to give it (one with symbolic sizes)."""
         new = graph.placeholder(node.name)
         new.meta = dict(node.meta)
-        if fresh or not isinstance(new.meta.get("val"), (FakeTensor, torch.SymInt)):
+        if val is not None:
+            new.meta["val"] = val
+        elif fresh or not isinstance(new.meta.get("val"), (FakeTensor, torch.SymInt)):
             if not (fixed or fresh):
                 raise _NotDirect(f"input {node.name} has no fake tensor")
             new.meta["val"] = fake_mode.from_tensor(value, static_shapes=True)
@@ -301,8 +560,14 @@ def _direct_graph(module: _FlatCall, args: tuple, prefix: str, static: bool) -> 
             env[node] = value
         else:
             inputs.append(placeholder(node, next(given), fixed=False))
-    for value in given:  # the adapter inputs
-        inputs.append(placeholder(next(feed), value, fixed=True))
+    extra = list(given)  # the adapter inputs
+    vals: list[Any] = [None] * len(extra)
+    if module.input_dims is not None:
+        if fresh:
+            raise _NotDirect("dynamic adapter inputs need the capture's fake tensors")
+        vals = _symbolic_inputs(fake_mode, inputs, extra, module.input_dims)
+    for value, val in zip(extra, vals, strict=True):
+        inputs.append(placeholder(next(feed), value, fixed=True, val=val))
     for name, value in baked.items():
         weights.append((placeholder(next(feed), value, fixed=True), name, value.detach()))
     lifted: dict[int, torch.fx.Node] = {}
@@ -362,6 +627,58 @@ def _direct_graph(module: _FlatCall, args: tuple, prefix: str, static: bool) -> 
         )
         raise _NotDirect(f"{mutating} mutates its input")
     return _DirectGraph(graph, inputs, weights)
+
+
+BATCH_DIM = "batch"
+_SYMBOL_IDS = itertools.count()
+
+
+def _symbolic_inputs(
+    fake_mode: Any,
+    model_inputs: list[torch.fx.Node],
+    values: list[torch.Tensor],
+    input_dims: list[dict[int, str]],
+) -> list[Any]:
+    """Fake tensors for inputs whose sizes vary (see ``_FlatCall.input_dims``), in the
+    capture's shape environment: an axis named ``"batch"`` gets the batch size of the
+    model's first batched input (a symbol of the capture), every other name a new symbol
+    of its own, hinted by the example's size. Nodes computed from these inputs (run on
+    fake tensors by :func:`_direct_graph`) then carry those symbols, and the ONNX inputs
+    get a named dynamic axis for each (renamed after the ``torch.export.Dim`` names)."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic
+
+    shape_env = fake_mode.shape_env
+    if shape_env is None:
+        raise _NotDirect("the capture's fake tensors have no shape environment")
+    batched = [
+        n.meta["val"]
+        for n in model_inputs
+        if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() > 0
+    ]
+    if not batched:
+        raise _NotDirect("no batched model input to take the batch size from")
+    sizes: dict[str, Any] = {BATCH_DIM: batched[0].shape[0]}
+    device = batched[0].device
+    vals = []
+    for value, axes in zip(values, input_dims, strict=True):
+        shape: list[Any] = list(value.shape)
+        for axis, name in axes.items():
+            if name not in sizes:
+                hint = int(value.shape[axis])
+                if hint < 2:
+                    raise _NotDirect(f"example size {hint} for {name!r}: 0 and 1 specialise")
+                # A source of its own per export: the capture's environment outlives it.
+                source = ConstantSource(f"adaption_fx_{name}_{next(_SYMBOL_IDS)}")
+                # DYNAMIC, not DUCK: a size of its own even where another has the same hint.
+                symbol = shape_env.create_symbol(
+                    hint, source=source, dynamic_dim=DimDynamic.DYNAMIC
+                )
+                sizes[name] = shape_env.create_symintnode(symbol, hint=hint, source=source)
+            shape[axis] = sizes[name]
+        with fake_mode:
+            vals.append(torch.empty(shape, dtype=value.dtype, device=device))
+    return vals
 
 
 def _promotion_needed(graph: torch.fx.Graph) -> bool:
@@ -752,6 +1069,9 @@ def to_onnx(
     external_data: bool | None = None,
     example_inputs: dict[str, torch.Tensor] | None = None,
     for_generation: bool = False,
+    mixed_batch: bool = False,
+    mixed_max_adapter_len: int | None = None,
+    mixed_adapter_layers: int | None = None,
     progress: bool | None = None,
 ) -> Path:
     """Export the graph ``model`` runs now to an ONNX file.
@@ -780,6 +1100,27 @@ def to_onnx(
             with ``OrtModel.generate``. The source model's generation defaults
             (``AdaptedModel.default_token_ids``: eos and pad ids) are stored with it, as
             ``eos_token_id`` and ``pad_token_id`` in the metadata's ``generation`` entry.
+        mixed_batch: export the mixed-batch graph (``AdaptedModel.mixed_graph``, of the
+            masked capture; of ``model.decoder()`` with ``for_generation``), in which each
+            batch row uses its own adapter. Needs ``adapter_as_inputs=True`` and ``fold``
+            (the graph always takes folded tables). After the model inputs the file takes
+            ``adapter_rows`` (batch,) int64, ``adapter_key_mask`` (adapters, adapter_keys)
+            and per adapted site the stacked folded key (adapters, kv_heads, adapter_keys,
+            head_dim), value and activated gate (adapters, heads) (see
+            ``passes/mixed_batch.py``); ``adapters`` and ``adapter_keys`` are dynamic axes
+            of their own, so any number of adapters of any length up to the file's fits
+            without a new export. ``OrtModel`` builds these inputs from its table of named
+            adapters (``set_adapter_weights(source, adapter_name=...)``,
+            ``adapter_names=[...]`` per call). The ``<name>.adapter.onnx`` companion
+            projects prompts of ``mixed_max_adapter_len`` tokens at every covered site to
+            their keys and values, so checkpoint directories load without PyTorch
+            weights. Which adapter is active, and whether adapters are enabled, does not
+            matter here. The metadata's ``mixed_batch`` entry describes the tables.
+        mixed_max_adapter_len: the longest prompt a checkpoint directory loaded into the
+            file may have (default: the longest of the model's adapters). Adapters given
+            as AdaptedModels or folded arrays may be longer.
+        mixed_adapter_layers: the top layers the file covers (default: the most any of
+            the model's adapters adapts); adapters adapting more layers cannot be loaded.
         progress: show a tqdm bar over the export's stages. None: only on a terminal.
 
     Returns:
@@ -793,6 +1134,31 @@ def to_onnx(
         raise ValueError(f"path must end in .onnx, got {str(path)!r}")
     if not isinstance(for_generation, bool):
         raise TypeError(f"for_generation must be a bool, got {for_generation!r}")
+    if not isinstance(mixed_batch, bool):
+        raise TypeError(f"mixed_batch must be a bool, got {mixed_batch!r}")
+    settings = None
+    if mixed_batch:
+        if not adapter_as_inputs:
+            raise ValueError(
+                "mixed_batch=True needs adapter_as_inputs=True: the adapters' tables are "
+                "inputs of the file"
+            )
+        if not fold:
+            raise ValueError(
+                "mixed_batch=True exports folded adapter tables (keys, values and gates); "
+                "fold=False is not supported with it"
+            )
+        if adapter_name is not None:
+            raise ValueError(
+                "adapter_name picks the one adapter to export; a mixed_batch file serves "
+                "every adapter (OrtModel.set_adapter_weights(..., adapter_name=...), then "
+                "adapter_names=[...] per call)"
+            )
+        settings = _mixed_settings(model, mixed_max_adapter_len, mixed_adapter_layers)
+    elif mixed_max_adapter_len is not None or mixed_adapter_layers is not None:
+        raise ValueError(
+            "mixed_max_adapter_len and mixed_adapter_layers apply to mixed_batch=True only"
+        )
     model.captured.check_placement()
     # Read from the model the caller holds, not from the decode-step twin below: the twin
     # has no source model to read them from.
@@ -819,6 +1185,7 @@ def to_onnx(
             example_inputs=example_inputs,
             for_generation=for_generation,
             token_ids=(eos_token_id, pad_token_id),
+            mixed=settings,
         )
         finished = True
     finally:
@@ -839,7 +1206,9 @@ def _write(
     example_inputs: dict[str, torch.Tensor] | None,
     for_generation: bool,
     token_ids: tuple[Any, Any],
+    mixed: tuple[int, int] | None = None,
 ) -> Path:
+    """``mixed``: (max_adapter_len, adapter_layers) of a mixed-batch export, else None."""
     import onnx
 
     eos_token_id, pad_token_id = token_ids
@@ -847,9 +1216,24 @@ def _write(
         stage("capture the decode step")
         model = model.decoder()
     stage("prepare the graph")
-    plan = _plan(model, adapter_name, adapter_as_inputs, fold)
     layout, names, examples = _model_inputs(model, example_inputs)
-    wrapper = _FlatCall(plan.graph_module, layout, plan.baked)
+    mixed_plan = None
+    input_dims = None
+    if mixed is not None:
+        mixed_plan = _mixed_plan(model, *mixed, examples)
+        table = mixed_plan.graph.table_inputs
+        plan = _Plan(
+            mixed_plan.graph.graph_module,
+            list(table),
+            dict(zip(table, mixed_plan.examples, strict=True)),
+            {},
+            True,
+            None,
+        )
+        input_dims = mixed_plan.input_dims
+    else:
+        plan = _plan(model, adapter_name, adapter_as_inputs, fold)
+    wrapper = _FlatCall(plan.graph_module, layout, plan.baked, input_dims)
     # Only the top module's flag: .eval() would recurse into submodules shared with the
     # user's model. The ATen graph does not read training flags; the exporter checks it.
     wrapper.training = False
@@ -859,8 +1243,20 @@ def _write(
     output_names = _output_names(model, n_out)
     hf = model.captured.fill_attention_mask
     dynamic = _dynamic_shapes(names, examples, hf, decode=for_generation)
-    dynamic += [None] * len(adapter_examples)
-    logger.info("exporting %s to %s", plan.adapter["name"] if plan.adapter else "base", path)
+    if input_dims is None:
+        dynamic += [None] * len(adapter_examples)
+    else:
+        # The rows share the model inputs' batch Dim (the same object); the table sizes
+        # get Dims of their own.
+        batch = next((spec[0] for spec in dynamic if spec and 0 in spec), torch.export.Dim.AUTO)
+        dims = {
+            BATCH_DIM: batch,
+            ADAPTERS_DIM: torch.export.Dim(ADAPTERS_DIM),
+            ADAPTER_KEYS_DIM: torch.export.Dim(ADAPTER_KEYS_DIM),
+        }
+        dynamic += [{axis: dims[name] for axis, name in d.items()} for d in input_dims]
+    what = "mixed batch" if mixed_plan else plan.adapter["name"] if plan.adapter else "base"
+    logger.info("exporting %s to %s", what, path)
     stage("translate to ONNX")
     onnx_model = _export(
         wrapper,
@@ -872,7 +1268,19 @@ def _write(
     )
     projection_name = None
     projection = None
-    if adapter_as_inputs and plan.folded:
+    if mixed_plan is not None:
+        stage("export the adapter projection")
+        mixed_plan.projection.training = False
+        projection = _export(
+            mixed_plan.projection,
+            tuple(mixed_plan.projection_examples),
+            input_names=mixed_plan.projection_inputs,
+            output_names=mixed_plan.projection_outputs,
+            dynamic_shapes=None,
+            opset=opset,
+        )
+        projection_name = path.stem + PROJECTION_SUFFIX
+    elif adapter_as_inputs and plan.folded:
         stage("export the adapter projection")
         proj_module, proj_outputs = adapter_projection(plan.source)
         proj_module.training = False
@@ -885,17 +1293,26 @@ def _write(
             opset=opset,
         )
         projection_name = path.stem + PROJECTION_SUFFIX
+    if input_dims is None:
+        shapes = {k: list(v.shape) for k, v in plan.adapter_values.items()}
+    else:  # dynamic axes by name
+        shapes = {
+            k: [d.get(axis, size) for axis, size in enumerate(v.shape)]
+            for (k, v), d in zip(plan.adapter_values.items(), input_dims, strict=True)
+        }
     metadata = {
         "format": 1,
         "model_inputs": names,
         "outputs": output_names,
         "adapter_inputs": plan.adapter_inputs,
-        "adapter_shapes": {k: list(v.shape) for k, v in plan.adapter_values.items()},
+        "adapter_shapes": shapes,
         "folded": plan.folded,
         "adapter": plan.adapter,
         "raw_adapter_inputs": plan.raw_inputs,
         "projection": projection_name,
     }
+    if mixed_plan is not None:
+        metadata["mixed_batch"] = _mixed_metadata(model, mixed_plan, projection_name)
     if for_generation:
         cache = model.cache_layout
         metadata["generation"] = {

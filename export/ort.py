@@ -1,11 +1,20 @@
-"""OrtModel: run an exported adaption-fx ONNX file with ONNX Runtime."""
+"""OrtModel: run an exported adaption-fx ONNX file with ONNX Runtime.
+
+A file exported with ``mixed_batch=True`` (see ``adaption_fx.export.onnx.to_onnx``) holds a
+table of named adapters here: :meth:`OrtModel.set_adapter_weights` adds or replaces one
+(``adapter_name=...``), :meth:`OrtModel.delete_adapter_weights` removes one, and each call
+names every batch row's adapter (``adapter_names=[...]``, ``"__base__"`` for the base
+model). The table inputs are rebuilt whenever the set of adapters changes; the file never
+needs exporting again.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +22,14 @@ import numpy as np
 
 # At module level, unlike torch below: the adaption_fx package has loaded both already.
 from adaption_fx.generate import MODEL_DEFAULT, EosTokenIds, ModelDefault
+from adaption_fx.mixed_batch import (
+    BASE_ADAPTER,
+    TableEntry,
+    build_adapter_table,
+    check_adapter_names,
+)
+from adaption_fx.passes.fold import folded_keys
+from adaption_fx.passes.insert import gate_key, prompt_key
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +80,38 @@ def _to_numpy(name: str, value: Any) -> np.ndarray:
     return value
 
 
+@dataclass(frozen=True)
+class _TableSite:
+    """An adapted site as a mixed-batch file's metadata describes it: what
+    ``build_adapter_table`` and the checkpoint checks read of an ``AttentionSite``."""
+
+    module_path: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    value_head_dim: int
+    hidden_size: int
+
+    @classmethod
+    def from_metadata(cls, entry: Mapping[str, Any]) -> _TableSite:
+        return cls(
+            module_path=entry["module_path"],
+            num_heads=int(entry["num_heads"]),
+            num_kv_heads=int(entry["num_kv_heads"]),
+            head_dim=int(entry["head_dim"]),
+            value_head_dim=int(entry["value_head_dim"]),
+            hidden_size=int(entry["hidden_size"]),
+        )
+
+
+def _row_count(adapter_names: Any) -> int:
+    """The batch that ``adapter_names`` describes (-1 where it is no list: the name check
+    then says what is wrong)."""
+    if isinstance(adapter_names, Sequence) and not isinstance(adapter_names, (str, bytes)):
+        return len(adapter_names)
+    return -1
+
+
 class OrtModel:
     """An exported adaption-fx model in an ONNX Runtime session.
 
@@ -75,6 +124,12 @@ class OrtModel:
 
     Calls take the model inputs by name (numpy arrays or torch tensors) and return the
     first output (the logits) as a numpy array; :meth:`run` returns every output by name.
+
+    A file exported with ``mixed_batch=True`` serves batches whose rows use different
+    adapters: register adapters by name with :meth:`set_adapter_weights` (``adapter_name``),
+    then pass ``adapter_names`` (one registered name or ``"__base__"`` per row) to every
+    call, :meth:`run` and :meth:`generate`. ``"__base__"`` is always available, so such a
+    file runs the base model before any adapter is set.
     """
 
     def __init__(
@@ -109,13 +164,45 @@ class OrtModel:
         self.model_input_names = [n for n in self.inputs if n not in adapter]
         self._adapter_feed: dict[str, np.ndarray] | None = None
         self._projection = None
+        # Mixed batches: the named adapters, in the order of their table rows (after the
+        # base model's row 0), and the table inputs built from them.
+        self._mixed: dict[str, Any] | None = self.metadata.get("mixed_batch")
+        self._adapters: dict[str, TableEntry] = {}
+        self._table_names: tuple[str, ...] = (BASE_ADAPTER,)
+        self._table_feed: dict[str, np.ndarray] = {}
+        self._table_sites: list[_TableSite] = []
+        if self._mixed is not None:
+            self._table_sites = [_TableSite.from_metadata(e) for e in self._mixed["sites"]]
+            self._table_names, self._table_feed = self._build_table({})
 
     # ----------------------------------------------------------------- running
-    def __call__(self, **inputs: Any) -> np.ndarray:
-        return self.run(**inputs)[self.output_names[0]]
+    @property
+    def mixed_batch(self) -> bool:
+        """Whether the file was exported with ``mixed_batch=True`` (one adapter per row)."""
+        return self._mixed is not None
 
-    def run(self, **inputs: Any) -> dict[str, np.ndarray]:
-        """Run the session; returns every output by name."""
+    @property
+    def adapter_names(self) -> list[str]:
+        """The adapters registered with :meth:`set_adapter_weights` on a mixed-batch file,
+        in table order (``"__base__"``, always available, is not listed); [] for other
+        files."""
+        return list(self._adapters)
+
+    def __call__(self, *, adapter_names: Sequence[str] | None = None, **inputs: Any) -> np.ndarray:
+        """The first output (the logits) for ``inputs``; see :meth:`run`."""
+        return self.run(adapter_names=adapter_names, **inputs)[self.output_names[0]]
+
+    def run(
+        self, *, adapter_names: Sequence[str] | None = None, **inputs: Any
+    ) -> dict[str, np.ndarray]:
+        """Run the session; returns every output by name.
+
+        ``adapter_names``: for a file exported with ``mixed_batch=True`` (and only there),
+        required: one name per batch row, an adapter registered with
+        :meth:`set_adapter_weights` or ``"__base__"``; each row's outputs are those of the
+        model with that row's adapter.
+        """
+        self._check_adapter_names_given(adapter_names)
         missing = [n for n in self.model_input_names if n not in inputs]
         unexpected = sorted(set(inputs) - set(self.model_input_names))
         if missing or unexpected:
@@ -124,7 +211,10 @@ class OrtModel:
                 f"unexpected {unexpected}"
             )
         feed = {n: self._check(n, _to_numpy(n, inputs[n])) for n in self.model_input_names}
-        if self.adapter_input_names:
+        if self._mixed is not None:
+            batch = next((v.shape[0] for v in feed.values() if v.ndim), -1)
+            feed.update(self._mixed_feed(adapter_names, batch))
+        elif self.adapter_input_names:
             if self._adapter_feed is None:
                 raise RuntimeError(
                     f"{self.path.name} takes the adapter as inputs: call "
@@ -133,6 +223,30 @@ class OrtModel:
             feed.update(self._adapter_feed)
         outputs = self.session.run(self.output_names, feed)
         return dict(zip(self.output_names, outputs, strict=True))
+
+    def _check_adapter_names_given(self, adapter_names: Any) -> None:
+        """``adapter_names`` is given exactly where the file is a mixed-batch one."""
+        if self._mixed is None and adapter_names is not None:
+            raise ValueError(
+                f"{self.path.name} was exported without mixed_batch=True: it runs one adapter "
+                "for the whole batch and takes no adapter_names; export with "
+                "to_onnx(model, path, adapter_as_inputs=True, mixed_batch=True) for a "
+                "different adapter per row"
+            )
+        if self._mixed is not None and adapter_names is None:
+            raise TypeError(
+                f"{self.path.name} was exported with mixed_batch=True: pass adapter_names="
+                f"[...], one name per batch row (an adapter of {self.adapter_names} or "
+                f"{BASE_ADAPTER!r} for the base model)"
+            )
+
+    def _mixed_feed(self, adapter_names: Any, batch: int) -> dict[str, np.ndarray]:
+        """The table inputs and each row's table index for ``adapter_names`` (checked
+        against ``batch`` rows and the registered adapters)."""
+        names = check_adapter_names(adapter_names, batch, self.adapter_names)
+        index = {name: i for i, name in enumerate(self._table_names)}
+        rows = np.array([index[n] for n in names], dtype=np.int64)
+        return {**self._table_feed, self._mixed["rows_input"]: rows}
 
     def _check(self, name: str, value: np.ndarray) -> np.ndarray:
         spec = self.inputs[name]
@@ -152,19 +266,25 @@ class OrtModel:
         return np.ascontiguousarray(value)
 
     # ----------------------------------------------------------------- generation
-    def decode_session(self) -> OrtDecodeSession:
-        """A decode session over this file (exported with ``for_generation=True``)."""
+    def decode_session(self, adapter_names: Sequence[str] | None = None) -> OrtDecodeSession:
+        """A decode session over this file (exported with ``for_generation=True``).
+
+        ``adapter_names``: required for a mixed-batch file, refused otherwise (see
+        :meth:`run`); the session's batch has that many rows, each with its adapter, for
+        the whole generation.
+        """
         if "generation" not in self.metadata:
             raise ValueError(
                 f"{self.path.name} was not exported for generation; export it with "
                 "to_onnx(model, path, for_generation=True)"
             )
-        if self.adapter_input_names and self._adapter_feed is None:
+        self._check_adapter_names_given(adapter_names)
+        if self._mixed is None and self.adapter_input_names and self._adapter_feed is None:
             raise RuntimeError(
                 f"{self.path.name} takes the adapter as inputs: call "
                 "set_adapter_weights(directory or AdaptedModel) first"
             )
-        return OrtDecodeSession(self)
+        return OrtDecodeSession(self, adapter_names)
 
     def generate(
         self,
@@ -180,6 +300,7 @@ class OrtModel:
         pad_token_id: int | ModelDefault | None = MODEL_DEFAULT,
         seed: int | None = None,
         use_cache: bool = True,
+        adapter_names: Sequence[str] | None = None,
     ) -> Any:
         """Generate tokens in ONNX Runtime; the arguments are ``AdaptedModel.generate``'s.
 
@@ -188,6 +309,10 @@ class OrtModel:
         key/value cache stays in ONNX Runtime values between steps (IO binding): each
         step's present outputs are bound as the next step's past inputs, never copied
         through numpy. Returns a torch LongTensor (batch, prompt_len + steps).
+
+        ``adapter_names`` (a mixed-batch file only, and required there): one name per
+        prompt row, a registered adapter or ``"__base__"``; each row generates the tokens
+        it generates alone with its adapter.
         """
         import torch
 
@@ -197,7 +322,11 @@ class OrtModel:
             input_ids = torch.from_numpy(input_ids)
         if isinstance(attention_mask, np.ndarray):
             attention_mask = torch.from_numpy(attention_mask)
-        session = self.decode_session()
+        self._check_adapter_names_given(adapter_names)
+        if adapter_names is not None:  # checked against the prompts before anything runs
+            batch = input_ids.shape[0] if isinstance(input_ids, torch.Tensor) else -1
+            adapter_names = check_adapter_names(adapter_names, batch, self.adapter_names)
+        session = self.decode_session(adapter_names)
         return generate(
             session,
             input_ids,
@@ -225,14 +354,42 @@ class OrtModel:
         return generation.get("eos_token_id"), generation.get("pad_token_id")
 
     # ----------------------------------------------------------------- adapters
-    def set_adapter_weights(self, source: Any) -> None:
+    def set_adapter_weights(self, source: Any, adapter_name: str | None = None) -> None:
         """Feed an adapter to a file exported with ``adapter_as_inputs=True``.
 
         ``source`` is an adapter checkpoint directory (ours or PEFT's), an AdaptedModel
         (its active adapter), or a mapping from this file's adapter input names to arrays.
         Everything is checked (structure, names, shapes, dtypes) before it replaces the
-        current adapter.
+        current adapter. ``adapter_name`` is refused for such a file: it holds one adapter.
+
+        On a file exported with ``mixed_batch=True``, ``adapter_name`` is required: the
+        adapter is added to the file's table under that name, or replaces the one of that
+        name (``"__base__"`` is reserved for the base model). Adapters may differ in
+        adapter_len, adapted layers and gate variant, as long as they adapt only layers
+        the file covers. ``source`` is then:
+
+        - a checkpoint directory: ``directory/<adapter_name>`` where that holds a
+          checkpoint (PEFT's layout, as ``AdaptedModel.save_adapter`` writes it), else
+          ``directory`` itself. Its prompts, zero-padded to the file's
+          ``max_adapter_len``, go through the ``.adapter.onnx`` companion (no PyTorch
+          weights needed) and its gates through their activation;
+        - an AdaptedModel: its adapter named ``adapter_name`` if it has one, else its
+          active adapter, folded in PyTorch;
+        - a mapping of one adapter's folded tensors by name, for the sites it adapts:
+          ``<site>.adaption_key`` (1, kv_heads, adapter_len, head_dim),
+          ``<site>.adaption_value`` (1, kv_heads, adapter_len, value_head_dim) and
+          ``<site>.adaption_gate_act`` (one value, or one per head).
+
+        Everything is checked before the table changes; on error it is as it was.
         """
+        if self._mixed is not None:
+            self._set_mixed(source, adapter_name)
+            return
+        if adapter_name is not None:
+            raise ValueError(
+                f"adapter_name is for files exported with mixed_batch=True; {self.path.name} "
+                "holds one adapter at a time: call set_adapter_weights(source)"
+            )
         if not self.adapter_input_names:
             raise ValueError(
                 f"{self.path.name} was exported without adapter_as_inputs: its adapter is "
@@ -257,6 +414,216 @@ class OrtModel:
         # of the model (training, load_state_dict) must not reach the stored adapter.
         feed = {n: self._check(n, np.array(values[n])) for n in self.adapter_input_names}
         self._adapter_feed = feed
+
+    def delete_adapter_weights(self, adapter_name: str) -> None:
+        """Remove an adapter from a mixed-batch file's table; later calls may no longer
+        name it. The other adapters' rows are unchanged."""
+        if self._mixed is None:
+            raise ValueError(
+                f"{self.path.name} was exported without mixed_batch=True: it holds no named "
+                "adapters (set_adapter_weights replaces its one adapter)"
+            )
+        if adapter_name == BASE_ADAPTER:
+            raise ValueError(f"{BASE_ADAPTER!r} is the base model: it cannot be deleted")
+        if adapter_name not in self._adapters:
+            raise ValueError(
+                f"no adapter named {adapter_name!r}; adapters are {self.adapter_names}"
+            )
+        adapters = {k: v for k, v in self._adapters.items() if k != adapter_name}
+        self._table_names, self._table_feed = self._build_table(adapters)
+        self._adapters = adapters
+        logger.info("deleted adapter %r from %s", adapter_name, self.path.name)
+
+    def _set_mixed(self, source: Any, adapter_name: Any) -> None:
+        if adapter_name is None:
+            raise TypeError(
+                f"{self.path.name} was exported with mixed_batch=True and holds named "
+                "adapters: pass adapter_name=... to set_adapter_weights"
+            )
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise TypeError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
+        if adapter_name == BASE_ADAPTER:
+            raise ValueError(
+                f"{BASE_ADAPTER!r} names the base model (always available); pick another "
+                "adapter_name"
+            )
+        if isinstance(source, (str, os.PathLike)):
+            entry = self._mixed_from_directory(Path(source), adapter_name)
+        elif isinstance(source, Mapping):
+            entry = self._mixed_from_mapping(source)
+        elif hasattr(source, "adaption_graph"):
+            entry = self._mixed_from_model(source, adapter_name)
+        else:
+            raise TypeError(
+                "source must be an adapter directory, an AdaptedModel or a mapping of "
+                f"arrays, got {type(source).__name__}"
+            )
+        adapters = dict(self._adapters)
+        adapters[adapter_name] = entry
+        # Built before anything is replaced: a failure leaves the table as it was.
+        names, feed = self._build_table(adapters)
+        self._adapters, self._table_names, self._table_feed = adapters, names, feed
+        logger.info(
+            "set adapter %r (adapter_len=%d) in %s", adapter_name, entry.adapter_len, self.path.name
+        )
+
+    def _build_table(
+        self, adapters: Mapping[str, TableEntry]
+    ) -> tuple[tuple[str, ...], dict[str, np.ndarray]]:
+        """The table rows' names and the table inputs (all but the rows) for ``adapters``."""
+        import torch
+
+        dtype = getattr(torch, self._mixed["dtype"], None)
+        if not isinstance(dtype, torch.dtype) or dtype == torch.bfloat16:
+            raise ValueError(
+                f"{self.path.name}: adapter tables of dtype {self._mixed['dtype']} cannot be "
+                "fed from numpy"
+            )
+        table = build_adapter_table(self._table_sites, adapters, dtype=dtype, device="cpu")
+        rows = self._mixed["rows_input"]
+        feed = {
+            name: self._check(name, table.tensors[name].detach().numpy())
+            for name in self.adapter_input_names
+            if name != rows
+        }
+        return table.names, feed
+
+    def _covered(self, paths: Sequence[str], where: str, adapter_layers: int) -> None:
+        """Every one of ``paths`` is a layer the file's tables cover."""
+        covered = [s.module_path for s in self._table_sites]
+        outside = [p for p in paths if p not in covered]
+        if outside:
+            raise ValueError(
+                f"{where}: adapter_layers={adapter_layers} adapts {outside}, outside the "
+                f"{len(covered)} layers {self.path.name} covers ({covered}); re-export with "
+                f"mixed_adapter_layers={adapter_layers} or more"
+            )
+
+    def _mixed_from_model(self, model: Any, adapter_name: str) -> TableEntry:
+        from adaption_fx.passes.fold import compute_folded
+
+        name = adapter_name if adapter_name in model.adapters else model.active_adapter
+        if name is None:
+            raise ValueError(
+                f"the AdaptedModel has no adapter named {adapter_name!r} and no active adapter"
+            )
+        config = model.adapters[name]
+        graph = model.adaption_graph(name)
+        paths = [s.module_path for s in graph.sites]
+        self._covered(paths, f"adapter {name!r}", config.adapter_layers)
+        values = compute_folded(graph, model.adapter_tensors(name))
+        return TableEntry(config.adapter_len, {k: v.detach().cpu() for k, v in values.items()})
+
+    def _mixed_from_mapping(self, source: Mapping[str, Any]) -> TableEntry:
+        import torch
+
+        values = {k: _to_numpy(k, v) for k, v in source.items()}
+        per_site = {s.module_path: folded_keys(s) for s in self._table_sites}
+        known = {key for keys in per_site.values() for key in keys}
+        unexpected = sorted(set(values) - known)
+        given = [keys for keys in per_site.values() if any(k in values for k in keys)]
+        missing = [k for keys in given for k in keys if k not in values]
+        if missing or unexpected or not given:
+            raise ValueError(
+                f"adapter tensors: missing {missing}, unexpected {unexpected}"
+                + ("" if given else "; give the folded tensors of at least one site")
+            )
+        lengths = set()
+        for key, value in values.items():
+            if not np.issubdtype(value.dtype, np.floating):
+                raise TypeError(f"{key} must hold floats, got dtype {value.dtype}")
+            if not key.endswith("adaption_gate_act"):
+                if value.ndim != 4:
+                    raise ValueError(
+                        f"{key} must be 4-d (1, kv_heads, adapter_len, dim), got shape "
+                        f"{value.shape}"
+                    )
+                lengths.add(int(value.shape[2]))
+        if len(lengths) != 1 or 0 in lengths:
+            raise ValueError(
+                f"adapter tensors: keys and values must share one adapter_len >= 1, got "
+                f"lengths {sorted(lengths)}"
+            )
+        # Copies: a later change to the caller's arrays must not reach the table.
+        tensors = {k: torch.from_numpy(np.array(v)) for k, v in values.items()}
+        return TableEntry(lengths.pop(), tensors)
+
+    def _mixed_from_directory(self, directory: Path, adapter_name: str) -> TableEntry:
+        """An adapter checkpoint projected to its folded tensors (see
+        :meth:`set_adapter_weights`)."""
+        import torch
+
+        from adaption_fx import checkpoint as ckpt
+        from adaption_fx.config import AdaptionConfig
+
+        folder = ckpt.adapter_directory(directory, adapter_name)
+        config = AdaptionConfig.from_pretrained(folder)
+        length, layers = config.adapter_len, config.adapter_layers
+        longest = int(self._mixed["max_adapter_len"])
+        if length > longest:
+            raise ValueError(
+                f"{folder}: adapter_len={length} is longer than the {longest} prompt tokens "
+                f"{self.path.name}'s projection takes; re-export with "
+                f"mixed_max_adapter_len={length} or more, or set the adapter from an "
+                "AdaptedModel"
+            )
+        all_sites = self._mixed["all_sites"]
+        if layers > len(all_sites):
+            raise ValueError(
+                f"{folder}: adapter_layers={layers} but the model has only "
+                f"{len(all_sites)} attention sites"
+            )
+        paths = all_sites[len(all_sites) - layers :]
+        self._covered(paths, str(folder), layers)
+        where = str(folder / ckpt.WEIGHTS_NAME)
+        state = ckpt.from_peft_keys(ckpt.read_tensors(folder), where)
+        sites = {s.module_path: s for s in self._table_sites}
+        expected: dict[str, tuple[int, ...]] = {}
+        for path in paths:
+            site = sites[path]
+            expected[prompt_key(site)] = (1, length, site.hidden_size)
+            scalar = config.gate == "scalar"
+            expected[gate_key(site)] = (1,) if scalar else (1, site.num_heads, 1, 1)
+        missing = [k for k in expected if k not in state]
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ckpt.CheckpointError(
+                f"{where}: tensors do not match adapter_layers={layers}: missing {missing}, "
+                f"unexpected {unexpected}"
+            )
+        for key, shape in expected.items():
+            value = state[key]
+            if tuple(value.shape) != shape:
+                raise ckpt.CheckpointError(
+                    f"{where}: {key} has shape {tuple(value.shape)}, expected {shape} "
+                    f"(adapter_len={length}, gate={config.gate!r})"
+                )
+            if not value.is_floating_point():
+                raise ckpt.CheckpointError(f"{where}: {key} has non-float dtype {value.dtype}")
+            if not bool(torch.isfinite(value).all()):
+                raise ckpt.CheckpointError(f"{where}: {key} holds NaN or infinite values")
+        # Every covered site's prompt, zero-padded to the projection's length (zero where
+        # the adapter does not adapt the site): keys and values are computed token by
+        # token, so the first `length` of each are the prompt's own.
+        raw = {}
+        for site in self._table_sites:
+            prompt = np.zeros((1, longest, site.hidden_size), dtype=np.float32)
+            key = prompt_key(site)
+            if key in state:
+                prompt[:, :length] = state[key].float().numpy()
+            raw[key] = prompt
+        projected = self._project(raw, self._mixed["projection_inputs"])
+        values: dict[str, torch.Tensor] = {}
+        for path in paths:
+            site = sites[path]
+            key_name, value_name, gate_name = folded_keys(site)
+            for name in (key_name, value_name):
+                values[name] = torch.from_numpy(np.array(projected[name][:, :, :length]))
+            gate = state[gate_key(site)].float()
+            if config.gate_activation == "tanh":
+                gate = torch.tanh(gate)
+            values[gate_name] = gate.reshape(-1)  # one value, or one per head
+        return TableEntry(length, values)
 
     def _check_structure(self, config: Mapping[str, Any], where: str) -> None:
         exported = self.metadata.get("adapter") or {}
@@ -340,11 +707,16 @@ class OrtDecodeSession:
     The cache lives in ``OrtValue``s on the session's device: the present outputs of one
     step are bound, as they are, to the past inputs of the next (IO binding), so a step
     copies only the new tokens in and the last token's logits out.
+
+    On a mixed-batch file, ``adapter_names`` (required there) fixes each row's adapter
+    for the session: the rows and the adapter tables are bound once, as they are when
+    the session is made, and every batch it runs has that many rows.
     """
 
-    def __init__(self, model: OrtModel):
+    def __init__(self, model: OrtModel, adapter_names: Sequence[str] | None = None):
         import onnxruntime as ort
 
+        model._check_adapter_names_given(adapter_names)
         self.model = model
         info = model.metadata["generation"]
         self.max_length: int = info["max_length"]
@@ -361,9 +733,14 @@ class OrtDecodeSession:
         self.device = "cuda" if model.providers[0] == "CUDAExecutionProvider" else "cpu"
         self.binding = model.session.io_binding()
         self._ort = ort
+        feed = model._adapter_feed or {}
+        self.rows: int | None = None  # the batch the adapter rows fix, if any
+        if adapter_names is not None:
+            feed = model._mixed_feed(adapter_names, _row_count(adapter_names))
+            self.rows = len(adapter_names)
         self._adapter = {
             name: ort.OrtValue.ortvalue_from_numpy(value, self.device)
-            for name, value in (model._adapter_feed or {}).items()
+            for name, value in feed.items()
         }
         self.past: list[Any] = []
 
@@ -371,6 +748,11 @@ class OrtDecodeSession:
         return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device)
 
     def reset(self, batch: int) -> None:
+        """Start a new sequence batch of ``batch`` rows (an empty cache)."""
+        if self.rows is not None and batch != self.rows:
+            raise ValueError(
+                f"this session's adapter_names name {self.rows} rows; the batch has {batch}"
+            )
         self.past = [
             self._value(np.zeros((batch, heads, 0, dim), dtype=self.cache_dtype))
             for heads, dim in self.cache_shapes

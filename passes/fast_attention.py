@@ -32,6 +32,7 @@ from adaption_fx.passes.insert import (
     is_adapter_attention,
     without_batch_expand,
 )
+from adaption_fx.passes.mixed_batch import is_mixed_node
 
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
@@ -61,7 +62,8 @@ def _set_sdpa(node: torch.fx.Node, named: dict[str, Any]) -> None:
 
 def model_attention(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     """The model's own SDPA calls (not the adapter branch's)."""
-    return [n for n in graph.nodes if n.target == SDPA and not is_adapter_attention(n)]
+    # Every adapter branch's nodes carry the insert passes' tag; the model's never do.
+    return [n for n in graph.nodes if n.target == SDPA and ADAPTION_META_KEY not in n.meta]
 
 
 def _val(node: Any) -> Any:
@@ -289,10 +291,14 @@ def serial_adapter_attention(graph: torch.fx.Graph) -> int:
     ``sum(softmax(sum(Q * K_a)) * V_a)`` in element-wise ops and reductions (the softmax
     as max, subtract, exp2, sum, divide, the keys scaled by log2(e)), none of which starts
     threads at decode sizes. Same function; for float32/float64 queries only
-    (lower precisions keep the fused kernel's float accumulation). Returns how many
-    attention calls changed."""
+    (lower precisions keep the fused kernel's float accumulation). The mixed-batch branch
+    (``passes/mixed_batch.py``: keys and values per row, a key mask per row) is written
+    the same way, its mask added to the scores. Returns how many attention calls changed."""
     changed = 0
-    for node in [n for n in graph.nodes if is_adapter_attention(n)]:
+    adapter_sdpa = [
+        n for n in graph.nodes if is_adapter_attention(n) or (n.target == SDPA and is_mixed_node(n))
+    ]
+    for node in adapter_sdpa:
         named = sdpa_arguments(node)
         query_val = _val(named["query"])
         if not isinstance(query_val, torch.Tensor) or query_val.dtype not in (
@@ -300,8 +306,9 @@ def serial_adapter_attention(graph: torch.fx.Graph) -> int:
             torch.float64,
         ):
             continue
+        mask = named["attn_mask"]
         if (
-            named["attn_mask"] is not None
+            (mask is not None and not is_mixed_node(node))
             or named["is_causal"]
             or named["dropout_p"]
             or named["enable_gqa"]
@@ -326,7 +333,7 @@ def serial_adapter_attention(graph: torch.fx.Graph) -> int:
             # goes into the adapter keys (hoisted out of the step with them). exp2 stays on
             # the calling thread; exp is MKL's vector exp, which starts threads.
             key = call(aten.mul.Tensor, key, LOG2E)
-            # (b, h, q, 1, d) * (1, h, 1, a, d) -> scores (b, h, q, a)
+            # (b, h, q, 1, d) * (1 or b, h, 1, a, d) -> scores (b, h, q, a)
             scores = call(
                 aten.sum.dim_IntList,
                 call(
@@ -336,10 +343,12 @@ def serial_adapter_attention(graph: torch.fx.Graph) -> int:
                 ),
                 [-1],
             )
+            if mask is not None:  # 0 or -inf per key: the same in base 2
+                scores = call(aten.add.Tensor, scores, mask)
             shifted = call(aten.sub.Tensor, scores, call(aten.amax.default, scores, [-1], True))
             weights = call(aten.exp2.default, shifted)
             probs = call(aten.div.Tensor, weights, call(aten.sum.dim_IntList, weights, [-1], True))
-            # (b, h, q, a, 1) * (1, h, 1, a, dv) -> (b, h, q, dv)
+            # (b, h, q, a, 1) * (1 or b, h, 1, a, dv) -> (b, h, q, dv)
             out = call(
                 aten.sum.dim_IntList,
                 call(

@@ -74,22 +74,37 @@ class AdaptionGraph:
     adapter_inputs: tuple[str, ...]
 
 
-class _Builder:
-    """Appends nodes one after another, each tagged as part of a site's adapter branch."""
+class BranchBuilder:
+    """Appends nodes one after another after a site's attention, each tagged as part of
+    that site's adapter branch (``role_prefix + role``) and named after the site.
 
-    def __init__(self, graph: torch.fx.Graph, after: torch.fx.Node, site: AttentionSite):
+    ``role_prefix`` tells branches apart: passes that rewrite this pass's branch know it
+    by its unprefixed roles (``out``, ``gate_tanh``...), so another pass's branch
+    (``passes/mixed_batch.py``: ``mixed_``) is left alone by them.
+    """
+
+    def __init__(
+        self,
+        graph: torch.fx.Graph,
+        after: torch.fx.Node,
+        site: AttentionSite,
+        role_prefix: str = "",
+    ):
         self.graph = graph
         self.cursor = after
         self.site = site
+        self.role_prefix = role_prefix
         self.stack = after.meta.get("nn_module_stack")
         self.prefix = (site.module_path or "root").replace(".", "_")
 
     def __call__(self, target, args: tuple, role: str, kwargs: dict | None = None) -> torch.fx.Node:
+        name = f"{self.prefix}_{self.role_prefix or 'adapter_'}{role}"
         with self.graph.inserting_after(self.cursor):
-            node = self.graph.create_node(
-                "call_function", target, args, kwargs, name=f"{self.prefix}_adapter_{role}"
-            )
-        node.meta[ADAPTION_META_KEY] = {"site": self.site.module_path, "role": role}
+            node = self.graph.create_node("call_function", target, args, kwargs, name=name)
+        node.meta[ADAPTION_META_KEY] = {
+            "site": self.site.module_path,
+            "role": self.role_prefix + role,
+        }
         if self.stack is not None:
             node.meta["nn_module_stack"] = dict(self.stack)
         self.cursor = node
@@ -115,7 +130,11 @@ class _Replay:
     """Replays a layer's key/value paths on the prompt (see TensorPath)."""
 
     def __init__(
-        self, b: _Builder, nodes: dict[str, torch.fx.Node], prompt: torch.fx.Node, adapter_len: int
+        self,
+        b: BranchBuilder,
+        nodes: dict[str, torch.fx.Node],
+        prompt: torch.fx.Node,
+        adapter_len: int,
     ):
         self.b = b
         self.nodes = nodes
@@ -189,7 +208,7 @@ class _Replay:
 
 
 def _share_heads(
-    b: _Builder, x: torch.fx.Node, heads: int, dim: int, role: str, adapter_len: int
+    b: BranchBuilder, x: torch.fx.Node, heads: int, dim: int, role: str, adapter_len: int
 ) -> torch.fx.Node:
     """Repeat key/value heads for query groups (head i serves queries i*G .. i*G+G-1)."""
     site = b.site
@@ -199,6 +218,32 @@ def _share_heads(
     x = b(aten.unsqueeze.default, (x, 2), f"{role}_group")
     x = b(aten.expand.default, (x, [1, heads, groups, adapter_len, dim]), f"{role}_expand")
     return b(aten.reshape.default, (x, [1, site.num_heads, adapter_len, dim]), f"{role}_repeat")
+
+
+def soft_capped_attention(
+    b: BranchBuilder,
+    query: torch.fx.Node,
+    key: torch.fx.Node,
+    value: torch.fx.Node,
+    softcap: float,
+    mask: torch.fx.Node | None = None,
+) -> torch.fx.Node:
+    """``softmax(cap(Q @ K^T) + mask, float32).to(Q.dtype) @ V`` with the layer's own logit
+    soft-capping ``cap(s) = softcap * tanh(s / softcap)`` (applied after scaling, as the
+    layer's attention applies it; the keys come scaled)."""
+    scores = b(
+        aten.matmul.default, (query, b(aten.transpose.int, (key, -2, -1), "key_t")), "scores"
+    )
+    scores = b(aten.div.Tensor, (scores, softcap), "capped")
+    scores = b(aten.tanh.default, (scores,), "capped_tanh")
+    scores = b(aten.mul.Tensor, (scores, softcap), "capped_scaled")
+    if mask is not None:
+        scores = b(aten.add.Tensor, (scores, mask), "masked")
+    probs = b(aten.softmax.int, (scores, -1, torch.float32), "probs")
+    query_dtype = query.meta["val"].dtype
+    if query_dtype != torch.float32:
+        probs = b(aten._to_copy.default, (probs,), "probs_cast", {"dtype": query_dtype})
+    return b(aten.matmul.default, (probs, value), "out")
 
 
 def _insert_site(
@@ -211,7 +256,7 @@ def _insert_site(
 ) -> None:
     attn = nodes[site.attention_node]
     query = nodes[site.query_node]
-    b = _Builder(graph, attn, site)
+    b = BranchBuilder(graph, attn, site)
     n = config.adapter_len
     replay = _Replay(b, nodes, prompt, n)
     _, k = replay.run(site.key_path, "key")
@@ -239,18 +284,7 @@ def _insert_site(
             {"scale": 1.0},
         )
     else:
-        scores = b(
-            aten.matmul.default, (query, b(aten.transpose.int, (k, -2, -1), "key_t")), "scores"
-        )
-        # The layer's own logit soft-capping, as its attention applies it after scaling.
-        scores = b(aten.div.Tensor, (scores, site.softcap), "capped")
-        scores = b(aten.tanh.default, (scores,), "capped_tanh")
-        scores = b(aten.mul.Tensor, (scores, site.softcap), "capped_scaled")
-        probs = b(aten.softmax.int, (scores, -1, torch.float32), "probs")
-        query_dtype = query.meta["val"].dtype
-        if query_dtype != torch.float32:
-            probs = b(aten._to_copy.default, (probs,), "probs_cast", {"dtype": query_dtype})
-        out = b(aten.matmul.default, (probs, v), "out")
+        out = soft_capped_attention(b, query, k, v, site.softcap)
     total = b(aten.add.Tensor, (attn, out), "sum")
     attn.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
 
@@ -323,10 +357,12 @@ def without_batch_expand(node: object) -> object:
 __all__ = [
     "ADAPTION_META_KEY",
     "AdaptionGraph",
+    "BranchBuilder",
     "adapter_tensor_shapes",
     "gate_key",
     "insert_adaption_prompt",
     "is_adapter_attention",
     "prompt_key",
+    "soft_capped_attention",
     "without_batch_expand",
 ]

@@ -193,6 +193,7 @@ def test_forward_signature_and_the_attributes_the_trainer_reads(model, source, t
         "use_cache",
         "labels",
         "num_items_in_batch",
+        "adapter_names",
     ]
     assert signature.parameters["use_cache"].default is False  # the captured constant
     assert signature.parameters["labels"].kind is inspect.Parameter.KEYWORD_ONLY
@@ -513,7 +514,7 @@ def test_what_an_adapted_model_cannot_do_is_refused_clearly(model, source, tmp_p
     plain = rewrite(block, AdaptionConfig(adapter_len=2, adapter_layers=1), example_inputs=(x,))
     assert not hasattr(plain, "config")
     assert plain.accepts_loss_kwargs is False
-    assert str(inspect.signature(plain.forward)) == "(arg0, /)"
+    assert str(inspect.signature(plain.forward)) == "(arg0, /, *, adapter_names=None)"
     assert find_labels(type(plain)) == ["labels"]  # the class is AdaptedModel's
     with pytest.raises(TypeError, match=re.escape("unexpected ['labels']")):
         plain(x, labels=x)

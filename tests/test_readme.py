@@ -23,9 +23,10 @@ def test_readme_has_the_usage_and_serving_examples():
     assert "rewrite(" in examples[0]
     assert any("OrtModel(" in b and "to_onnx(" in b for b in examples)
     assert any("for_generation=True" in b and "generate_text(" in b for b in examples)
+    assert "adapter_names=" in examples[3] and "mixed_batch=True" in examples[3]
 
 
-@pytest.mark.parametrize("index", [0, 1, 2])
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
 def test_readme_example_runs(index):
     code = _self_contained_examples()[index]
     exec(compile(code, str(README), "exec"), {})
