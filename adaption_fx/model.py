@@ -27,6 +27,7 @@ from adaption_fx.generate import (
 from adaption_fx.generate import generate as generate_tokens
 from adaption_fx.hf_model_api import HuggingFaceModelAPI, signed_forward, with_loss
 from adaption_fx.mixed_batch import (
+    BASE_ADAPTER,
     AdapterTable,
     TableEntry,
     build_adapter_table,
@@ -99,6 +100,11 @@ def _check_adapter_name(name: object) -> None:
     # Names become module names and, in checkpoints, subfolder names: no dots, no slashes.
     if not isinstance(name, str) or not name:
         raise TypeError(f"adapter_name must be a non-empty str, got {name!r}")
+    if name == BASE_ADAPTER:
+        raise ValueError(
+            f"adapter_name {name!r} is reserved: in adapter_names=[...] it names the base "
+            "model; pick another name"
+        )
     if not _NAME_PATTERN.fullmatch(name):
         raise ValueError(
             f"adapter_name {name!r} is not usable: use letters, digits, spaces, '_' and '-'"
@@ -429,6 +435,9 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         self._causal_sites = None
         self._causal_graphs.clear()
         self._folded.clear()
+        self._mixed.clear()
+        self._table = None
+        self._projections.clear()
 
     # ----------------------------------------------------------------- checkpointing
     def gradient_checkpointing_enable(

@@ -12,6 +12,7 @@ from adaption_fx.capture import capture
 from adaption_fx.checkpoint import adapter_directory
 from adaption_fx.config import AdaptionConfig
 from adaption_fx.gc_pause import paused_gc
+from adaption_fx.mixed_batch import BASE_ADAPTER
 from adaption_fx.model import AdaptedModel
 from adaption_fx.passes.errors import UnsupportedGraphError
 from adaption_fx.passes.locate import locate_attention
@@ -64,6 +65,11 @@ def rewrite(
         )
     if not isinstance(adapter_name, str) or not adapter_name:
         raise TypeError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
+    if adapter_name == BASE_ADAPTER:
+        raise ValueError(
+            f"adapter_name {adapter_name!r} is reserved: in adapter_names=[...] it names the "
+            "base model; pick another name"
+        )
     if isinstance(config, (str, os.PathLike)):
         # A bad directory fails here, before the (slow) capture.
         AdaptionConfig.from_pretrained(adapter_directory(config, adapter_name))

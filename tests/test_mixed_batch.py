@@ -296,3 +296,15 @@ def test_compiled_generation_tokens_equal_eager(model):
     names = ["short", "long", BASE_ADAPTER]
     kwargs = dict(max_new_tokens=4, eos_token_id=None, adapter_names=names)
     assert torch.equal(compiled.generate(ids, mask, **kwargs), model.generate(ids, mask, **kwargs))
+
+
+def test_the_base_name_is_reserved(model):
+    snap = snapshot_state(model)
+    with pytest.raises(ValueError, match="'__base__' is reserved"):
+        model.add_adapter(BASE_ADAPTER, AdaptionConfig(adapter_len=2, adapter_layers=1))
+    assert_state_unchanged(model, snap)
+    source = tiny_llama()
+    before = [p.requires_grad for p in source.parameters()]
+    with pytest.raises(ValueError, match="'__base__' is reserved"):
+        rewrite(source, STRUCTURES["short"], adapter_name=BASE_ADAPTER)
+    assert [p.requires_grad for p in source.parameters()] == before
