@@ -130,6 +130,25 @@ def with_loss(result: Any, loss: torch.Tensor) -> Any:
     return result
 
 
+def with_causal_lm_loss(
+    result: Any,
+    loss_function: Callable[..., torch.Tensor],
+    labels: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None,
+) -> Any:
+    """``result`` with the loss of ``labels`` on its logits, computed by the source model's
+    own ``loss_function`` (shifted labels, ``num_items_in_batch`` as in Hugging Face
+    models), set as in :func:`with_loss`."""
+    logits = result.logits
+    loss = loss_function(
+        logits=logits,
+        labels=labels,
+        vocab_size=logits.shape[-1],
+        num_items_in_batch=num_items_in_batch,
+    )
+    return with_loss(result, loss)
+
+
 def _refuse(what: str, why: str) -> TypeError:
     return TypeError(f"AdaptedModel.{what} is not supported: {why}")
 

@@ -25,7 +25,7 @@ from adaption_fx.generate import (
     generation_defaults,
 )
 from adaption_fx.generate import generate as generate_tokens
-from adaption_fx.hf_model_api import HuggingFaceModelAPI, signed_forward, with_loss
+from adaption_fx.hf_model_api import HuggingFaceModelAPI, signed_forward, with_causal_lm_loss
 from adaption_fx.mixed_batch import (
     BASE_ADAPTER,
     AdapterTable,
@@ -36,6 +36,7 @@ from adaption_fx.mixed_batch import (
 )
 from adaption_fx.passes.errors import AttentionNotFoundError, UnsupportedGraphError
 from adaption_fx.passes.fold import adapter_projection, fold_adapter_kv
+from adaption_fx.passes.graph_copy import owner_at
 from adaption_fx.passes.insert import (
     AdaptionGraph,
     adapter_tensor_shapes,
@@ -80,12 +81,7 @@ class AdapterWeights(torch.nn.Module):
             self._install(key, torch.nn.Parameter(data.to(device=device, dtype=dtype)))
 
     def _install(self, key: str, param: torch.nn.Parameter) -> None:
-        *path, name = key.split(".")
-        owner: torch.nn.Module = self
-        for part in path:
-            if part not in owner._modules:
-                owner.add_module(part, torch.nn.Module())
-            owner = owner._modules[part]
+        owner, name = owner_at(self, key)
         owner.register_parameter(name, param)
 
     def tensors(self, keys: tuple[str, ...]) -> list[torch.Tensor]:
@@ -96,7 +92,8 @@ class AdapterWeights(torch.nn.Module):
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9_\- ]+")
 
 
-def _check_adapter_name(name: object) -> None:
+def check_adapter_name(name: object) -> None:
+    """A usable adapter name, or a TypeError/ValueError saying why not."""
     # Names become module names and, in checkpoints, subfolder names: no dots, no slashes.
     if not isinstance(name, str) or not name:
         raise TypeError(f"adapter_name must be a non-empty str, got {name!r}")
@@ -181,13 +178,14 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         # own AdaptedModel. Plain attributes: neither is a submodule of this one.
         object.__setattr__(self, "_source", None)
         object.__setattr__(self, "_decoder", None)
-        # Per adapter structure: the folded graph and the adapter projection (inference).
+        # Per adapter structure: the folded graph and its input names (inference).
         self._folded: dict[StructureKey, tuple[Any, ...]] = {}
         # Set by gradient_checkpointing_enable: which layers the training twin recomputes.
         self._checkpointing: GradientCheckpointing | None = None
         # Mixed batches (adapter_names=[...]): per capture (causal or not), the mixed graph
         # of the sites the adapters adapt; the adapter table and the adapters' state it was
-        # built from; each structure's adapter projection (prompts to folded tensors).
+        # built from. Per adapter structure, the adapter projection (prompts and gates to
+        # folded tensors) that the folded graphs and the table both use.
         self._mixed: dict[bool, tuple[tuple[str, ...], MixedGraph]] = {}
         self._table: tuple[tuple[Any, ...], AdapterTable] | None = None
         self._projections: dict[StructureKey, tuple[torch.fx.GraphModule, tuple[str, ...]]] = {}
@@ -245,7 +243,7 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         adapter added when none is active (the first one) becomes active. Use
         :meth:`set_adapter` to switch.
         """
-        _check_adapter_name(adapter_name)
+        check_adapter_name(adapter_name)
         if adapter_name in self._configs:
             raise ValueError(
                 f"an adapter named {adapter_name!r} already exists (adapters: "
@@ -508,13 +506,9 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         if adapter_names is not None:
             names = check_adapter_names(adapter_names, _batch_size(flat), list(self._configs))
             if graph is not None:
-                mixed = self.mixed_graph(causal=causal_flat is not None)
-                table = self.adapter_table()
-                rows = table.rows(names)
+                mixed_gm, tables = self.mixed_inference_graph(names, causal=causal_flat is not None)
                 with torch.no_grad():
-                    outputs = runner(mixed.graph_module)(
-                        *flat, *table.inputs(mixed.table_inputs, rows)
-                    )
+                    outputs = runner(mixed_gm)(*flat, *tables)
                 return captured.unflatten(outputs)
         if graph is None:
             base = self.base_graph_module if causal_flat is None else captured.causal.graph_module
@@ -527,14 +521,7 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
             outputs = runner(graph.graph_module)(*flat, *tensors)
         result = captured.unflatten(outputs)
         if labels is not None:
-            logits = result.logits
-            loss = self._captured.loss_function(
-                logits=logits,
-                labels=labels,
-                vocab_size=logits.shape[-1],
-                num_items_in_batch=num_items,
-            )
-            result = with_loss(result, loss)
+            result = with_causal_lm_loss(result, captured.loss_function, labels, num_items)
         return result
 
     def inference_graph(self) -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:
@@ -552,10 +539,10 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         cached = self._folded.get(key)
         if cached is None:
             folded = fold_adapter_kv(graph, self.adapter_tensors(), as_inputs=True)
-            projection, names = adapter_projection(graph)
-            cached = (folded.graph_module, folded.adapter_inputs, projection, names)
+            cached = (folded.graph_module, folded.adapter_inputs)
             self._folded[key] = cached
-        folded_gm, inputs, projection, names = cached
+        folded_gm, inputs = cached
+        projection, names = self._adapter_projection(key)
         with torch.no_grad():
             values = dict(zip(names, projection(*self.adapter_tensors()), strict=True))
         return folded_gm, [values[name].detach() for name in inputs]
@@ -601,12 +588,7 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
             return self._table[1]
         entries = {}
         for name, config in self._configs.items():
-            key = self._adapter_structure[name]
-            cached = self._projections.get(key)
-            if cached is None:
-                cached = adapter_projection(self._graphs[key])
-                self._projections[key] = cached
-            projection, names = cached
+            projection, names = self._adapter_projection(self._adapter_structure[name])
             with torch.no_grad():
                 values = projection(*self.adapter_tensors(name))
             # detach: an identity gate activation passes the gate parameter itself through.
@@ -619,15 +601,26 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         self._table = (state, table)
         return table
 
+    def _adapter_projection(
+        self, key: StructureKey
+    ) -> tuple[torch.fx.GraphModule, tuple[str, ...]]:
+        """A structure's adapter projection (prompts and gates to folded tensors), built
+        once: the folded decode step and the mixed-batch table both read it."""
+        cached = self._projections.get(key)
+        if cached is None:
+            cached = adapter_projection(self._graphs[key])
+            self._projections[key] = cached
+        return cached
+
     def mixed_inference_graph(
-        self, adapter_names: list[str]
+        self, adapter_names: list[str], causal: bool = False
     ) -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:
         """As :meth:`inference_graph`, for a batch whose rows use ``adapter_names`` (checked
-        by the caller): the mixed graph of the masked capture and its table inputs; the
-        base graph while adapters are disabled or none is left."""
+        by the caller): the mixed graph (of the mask-free causal capture with ``causal``)
+        and its table inputs; the base graph while adapters are disabled or none is left."""
         if self._active_graph() is None:
             return self.base_graph_module, []
-        mixed = self.mixed_graph()
+        mixed = self.mixed_graph(causal)
         table = self.adapter_table()
         rows = table.rows(adapter_names)
         return mixed.graph_module, table.inputs(mixed.table_inputs, rows)
@@ -741,9 +734,9 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         ones it generates alone with its adapter active.
         """
         names = None
-        if adapter_names is not None:
-            batch = input_ids.shape[0] if isinstance(input_ids, torch.Tensor) else -1
-            names = check_adapter_names(adapter_names, batch, list(self._configs))
+        if adapter_names is not None and isinstance(input_ids, torch.Tensor) and input_ids.dim():
+            names = check_adapter_names(adapter_names, input_ids.shape[0], list(self._configs))
+        # Any other input_ids: generate_tokens refuses them (check_prompt) before any step.
         decoder = self.decoder()
         return generate_tokens(
             TorchSession(decoder, _runner, adapter_names=names),
@@ -863,7 +856,7 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         are cast to the adapter dtype (that of the key projection weight). Non-finite
         values are refused unless ``allow_non_finite=True``.
         """
-        _check_adapter_name(adapter_name)
+        check_adapter_name(adapter_name)
         folder = ckpt.adapter_directory(directory, adapter_name)
         config = AdaptionConfig.from_pretrained(folder)
         where = str(folder / ckpt.WEIGHTS_NAME)

@@ -32,7 +32,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from adaption_fx.passes.graph_copy import copy_flat_graph, graph_module_sharing
+from adaption_fx.passes.graph_copy import copy_flat_graph, graph_module_sharing, owner_at
 from adaption_fx.passes.locate import within
 from adaption_fx.passes.replicate import replicate_layer
 
@@ -148,12 +148,7 @@ def first_layer_only(model: torch.nn.Module, layers: RepeatedLayers) -> Iterator
 
 
 def _install(root: torch.nn.Module, path: str, value: Any, owner: torch.nn.Module | None) -> None:
-    *parents, name = path.split(".")
-    module = root
-    for part in parents:
-        if part not in module._modules:
-            module.add_module(part, torch.nn.Module())
-        module = module._modules[part]
+    module, name = owner_at(root, path)
     if isinstance(value, torch.nn.Parameter):
         module.register_parameter(name, value)
     elif isinstance(value, torch.nn.Module):

@@ -12,8 +12,7 @@ from adaption_fx.capture import capture
 from adaption_fx.checkpoint import adapter_directory
 from adaption_fx.config import AdaptionConfig
 from adaption_fx.gc_pause import paused_gc
-from adaption_fx.mixed_batch import BASE_ADAPTER
-from adaption_fx.model import AdaptedModel
+from adaption_fx.model import AdaptedModel, check_adapter_name
 from adaption_fx.passes.errors import UnsupportedGraphError
 from adaption_fx.passes.locate import locate_attention
 
@@ -63,13 +62,7 @@ def rewrite(
         raise UnsupportedGraphError(
             "model is already an AdaptedModel; add more adapters with model.add_adapter(...)"
         )
-    if not isinstance(adapter_name, str) or not adapter_name:
-        raise TypeError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
-    if adapter_name == BASE_ADAPTER:
-        raise ValueError(
-            f"adapter_name {adapter_name!r} is reserved: in adapter_names=[...] it names the "
-            "base model; pick another name"
-        )
+    check_adapter_name(adapter_name)  # before the (slow) capture
     if isinstance(config, (str, os.PathLike)):
         # A bad directory fails here, before the (slow) capture.
         AdaptionConfig.from_pretrained(adapter_directory(config, adapter_name))

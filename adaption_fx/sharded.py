@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.fx
 
 from adaption_fx.eager import adapted_site_paths, training_graph
-from adaption_fx.hf_model_api import with_loss
+from adaption_fx.hf_model_api import with_causal_lm_loss
 from adaption_fx.model import AdaptedModel
 from adaption_fx.passes.activation_checkpoint import (
     Region,
@@ -149,14 +149,7 @@ class ShardedAdaptedModel(torch.nn.Module):
         params = dict(self.adapter_weights.named_parameters())  # read now: FSDP swaps them
         result = captured.unflatten(self.graph(*flat, *[params[k] for k in self._adapter_inputs]))
         if labels is not None:
-            logits = result.logits
-            loss = captured.loss_function(
-                logits=logits,
-                labels=labels,
-                vocab_size=logits.shape[-1],
-                num_items_in_batch=num_items_in_batch,
-            )
-            result = with_loss(result, loss)
+            result = with_causal_lm_loss(result, captured.loss_function, labels, num_items_in_batch)
         return result
 
     def full_adapter_state_dict(self) -> dict[str, torch.Tensor]:

@@ -26,6 +26,18 @@ def copy_flat_graph(gm: torch.fx.GraphModule) -> tuple[torch.fx.Graph, dict[str,
     return graph, by_name
 
 
+def owner_at(root: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str]:
+    """The module that holds ``path`` inside ``root`` and the attribute name there; empty
+    container modules are created for the parts of the path that do not exist yet."""
+    *parents, name = path.split(".")
+    module = root
+    for part in parents:
+        if part not in module._modules:
+            module.add_module(part, torch.nn.Module())
+        module = module._modules[part]
+    return module, name
+
+
 def graph_module_sharing(
     root: torch.fx.GraphModule, graph: torch.fx.Graph, class_name: str
 ) -> torch.fx.GraphModule:

@@ -289,6 +289,22 @@ def _insert_site(
     attn.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
 
 
+def copy_for_sites(
+    gm: torch.fx.GraphModule, sites: Sequence[AttentionSite]
+) -> tuple[torch.fx.Graph, dict[str, torch.fx.Node]]:
+    """A copy of ``gm``'s graph to rewrite at ``sites`` (see ``copy_flat_graph``), after
+    checking the insert passes' precondition: an unrewritten ATen graph, at least one site,
+    every site's attention in it."""
+    check_aten_graph(gm)
+    if not sites:
+        raise ValueError("no sites to adapt")
+    graph, nodes = copy_flat_graph(gm)
+    missing = [s.attention_node for s in sites if s.attention_node not in nodes]
+    if missing:
+        raise ValueError(f"sites do not belong to this graph: nodes {missing} not found")
+    return graph, nodes
+
+
 def insert_adaption_prompt(
     gm: torch.fx.GraphModule,
     sites: Sequence[AttentionSite],
@@ -302,14 +318,7 @@ def insert_adaption_prompt(
     Precondition: ``sites`` were located in ``gm`` (``locate_attention``) and ``gm`` has not
     been rewritten. Postcondition: with every gate zero the output equals ``gm``'s exactly.
     """
-    check_aten_graph(gm)
-    if not sites:
-        raise ValueError("no sites to adapt")
-    graph, nodes = copy_flat_graph(gm)
-    missing = [s.attention_node for s in sites if s.attention_node not in nodes]
-    if missing:
-        raise ValueError(f"sites do not belong to this graph: nodes {missing} not found")
-
+    graph, nodes = copy_for_sites(gm, sites)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     cursor = placeholders[-1] if placeholders else None
     keys: list[str] = []
@@ -359,6 +368,7 @@ __all__ = [
     "AdaptionGraph",
     "BranchBuilder",
     "adapter_tensor_shapes",
+    "copy_for_sites",
     "gate_key",
     "insert_adaption_prompt",
     "is_adapter_attention",

@@ -38,9 +38,9 @@ import torch
 import torch.fx
 
 from adaption_fx.passes.fold import folded_keys
-from adaption_fx.passes.graph_copy import copy_flat_graph, graph_module_sharing
-from adaption_fx.passes.insert import BranchBuilder, soft_capped_attention
-from adaption_fx.passes.locate import ADAPTION_META_KEY, check_aten_graph
+from adaption_fx.passes.graph_copy import graph_module_sharing
+from adaption_fx.passes.insert import BranchBuilder, copy_for_sites, soft_capped_attention
+from adaption_fx.passes.locate import ADAPTION_META_KEY
 from adaption_fx.passes.site import AttentionSite
 
 aten = torch.ops.aten
@@ -124,13 +124,7 @@ def insert_mixed_adapters(gm: torch.fx.GraphModule, sites: Sequence[AttentionSit
     Postcondition: a row whose gate is zero at every site computes what ``gm`` computes
     for it, exactly.
     """
-    check_aten_graph(gm)
-    if not sites:
-        raise ValueError("no sites to adapt")
-    graph, nodes = copy_flat_graph(gm)
-    missing = [s.attention_node for s in sites if s.attention_node not in nodes]
-    if missing:
-        raise ValueError(f"sites do not belong to this graph: nodes {missing} not found")
+    graph, nodes = copy_for_sites(gm, sites)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if not placeholders:
         raise ValueError("the graph has no inputs to take the batch size from")

@@ -35,17 +35,13 @@ import torch.fx
 
 from adaption_fx.passes.activation_checkpoint import Region
 from adaption_fx.passes.errors import UnsupportedGraphError
+from adaption_fx.passes.graph_copy import owner_at
 from adaption_fx.passes.locate import within
 
 
 def _install(root: torch.nn.Module, path: str, value: object) -> None:
     """Put ``value`` at ``path`` in ``root``, creating empty container modules."""
-    *parents, name = path.split(".")
-    module = root
-    for part in parents:
-        if part not in module._modules:
-            module.add_module(part, torch.nn.Module())
-        module = module._modules[part]
+    module, name = owner_at(root, path)
     if isinstance(value, torch.nn.Parameter):
         module.register_parameter(name, value)
     elif isinstance(value, torch.nn.Module):
