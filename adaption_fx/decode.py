@@ -34,6 +34,7 @@ from adaption_fx.capture import (
     graph_outputs,
 )
 from adaption_fx.graph_cache import cache_entry
+from adaption_fx.hf_compat import CacheCall, cache_call, cache_tensors, dynamic_cache
 from adaption_fx.repeated import RepeatedLayers, capture_once_per_layer, same_outputs
 
 logger = logging.getLogger(__name__)
@@ -105,31 +106,32 @@ class DecodeCapture:
     max_length: int
 
 
-def _cache_tensors(cache: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        return [(layer.keys, layer.values) for layer in layers]
-    if isinstance(cache, (tuple, list)):  # legacy tuple-of-tuples caches
-        return [(k, v) for k, v, *_ in cache]
-    raise CaptureError(
-        f"the model returned a {type(cache).__name__} cache; expected a transformers Cache"
-    )
+def _cache_pairs(cache: object, owner: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    try:
+        return cache_tensors(cache)
+    except TypeError as exc:
+        raise CaptureError(f"{owner}: {exc}") from None
 
 
-def cache_layout(model: torch.nn.Module) -> CacheLayout:
+def cache_layout(model: torch.nn.Module, call: CacheCall | None = None) -> CacheLayout:
     """Run the model once on two tokens and read the cache it returns."""
+    call = call or cache_call(model)
     ids = torch.ones(1, 2, dtype=torch.long, device=_device_of(model))
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+            out = model(
+                input_ids=ids, attention_mask=torch.ones_like(ids), **call.step_kwargs(None)
+            )
     finally:
         model.train(was_training)
-    cache = getattr(out, "past_key_values", None)
+    cache = call.returned_cache(out)
     if cache is None:
-        raise CaptureError(f"{type(model).__name__} returned no past_key_values with use_cache")
-    pairs = _cache_tensors(cache)
+        raise CaptureError(
+            f"{type(model).__name__} returned no {call.argument} when asked for its cache"
+        )
+    pairs = _cache_pairs(cache, type(model).__name__)
     if not pairs or any(k is None or k.dim() != 4 or v.dim() != 4 for k, v in pairs):
         raise CaptureError(
             f"{type(model).__name__}'s cache does not hold (batch, heads, length, dim) tensors "
@@ -140,15 +142,14 @@ def cache_layout(model: torch.nn.Module) -> CacheLayout:
 
 
 @contextlib.contextmanager
-def _decode_forward(model: torch.nn.Module, layout: CacheLayout) -> Iterator[None]:
+def _decode_forward(model: torch.nn.Module, layout: CacheLayout, call: CacheCall) -> Iterator[None]:
     """Make ``model.forward`` the flat decode step for the duration of an export.
 
     The model is exported as itself (not wrapped) so that its parameters keep their own
     names, which the adapter tensors' keys are derived from. The instance attribute is
-    removed afterwards, on success or failure.
+    removed afterwards, on success or failure. ``call`` names the installed release's
+    cache argument.
     """
-    from transformers import DynamicCache
-
     hf_forward = type(model).forward
     n = layout.num_layers
 
@@ -158,20 +159,20 @@ def _decode_forward(model: torch.nn.Module, layout: CacheLayout) -> Iterator[Non
             torch._check(
                 attention_mask.shape[1] == past[past_names(0)[0]].shape[2] + input_ids.shape[1]
             )
-        cache = DynamicCache(
-            ddp_cache_data=[(past[past_names(i)[0]], past[past_names(i)[1]]) for i in range(n)]
-        )
+        cache = dynamic_cache([(past[past_names(i)[0]], past[past_names(i)[1]]) for i in range(n)])
         out = hf_forward(
             model,
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
+            **call.step_kwargs(cache, last_logits_only=True),
         )
-        result = {"logits": out.logits}
-        for i, (key, value) in enumerate(_cache_tensors(out.past_key_values)):
+        logits = out.logits
+        if not call.logits_to_keep:  # every position's logits were computed: keep the last
+            logits = logits[:, -1:]
+        result = {"logits": logits}
+        returned = call.returned_cache(out)
+        for i, (key, value) in enumerate(_cache_pairs(returned, type(model).__name__)):
             result[present_names(i)[0]] = key
             result[present_names(i)[1]] = value
         return result
@@ -204,21 +205,19 @@ def capture_decode(
     """Capture ``model``'s decode step (see the module docstring).
 
     Args:
-        model: a Hugging Face causal LM whose forward takes ``past_key_values``.
+        model: a Hugging Face causal LM whose forward takes a key/value cache (as
+            ``cache`` or ``past_key_values``: :func:`adaption_fx.hf_compat.cache_call`).
         max_length: the longest past + new length the graph must take.
         cache: read the capture from, and write it to, the persistent graph cache.
+
+    Raises:
+        MissingArgumentError: (a TypeError) the forward lacks an argument the step needs;
+            it names the argument and the installed transformers release.
     """
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 4:
         raise ValueError(f"max_length must be an int >= 4, got {max_length!r}")
-    params = inspect.signature(type(model).forward).parameters
-    needed = ("input_ids", "attention_mask", "position_ids", "past_key_values")
-    missing = [p for p in needed if p not in params]
-    if missing:
-        raise TypeError(
-            f"{type(model).__name__}.forward lacks {missing}; generation needs a Hugging Face "
-            "causal LM with a key/value cache"
-        )
-    layout = cache_layout(model)
+    call = cache_call(model, "generation (a key/value cache decode step)")
+    layout = cache_layout(model, call)
     device = _device_of(model)
     # Sizes above 1 and all different, so export keeps each dimension symbolic.
     batch, new, past = 2, 3, 5
@@ -248,7 +247,7 @@ def capture_decode(
         names = set(step_layout.past_inputs)
         step_kwargs = {k: v for k, v in kwargs.items() if k in _STEP_INPUTS or k in names}
         step_dynamic = {k: v for k, v in dynamic.items() if k in step_kwargs}
-        with _decode_forward(model, step_layout):
+        with _decode_forward(model, step_layout, call):
             program = _export(model, (), step_kwargs, step_dynamic, what="decode", cache=cache)
             graph_module = program.module()
         _drop_export_guards(graph_module)
@@ -276,7 +275,7 @@ def capture_decode(
 
     def check(grown: CapturedModel) -> str | None:
         feed = _check_feed(layout, device)
-        with _decode_forward(model, layout):
+        with _decode_forward(model, layout, call):
             expected = eager_outputs(model, feed)
         return same_outputs(graph_outputs(grown, feed), expected)
 

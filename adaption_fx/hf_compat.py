@@ -2,10 +2,11 @@
 
 The passes work on the ATen graph, so most of a transformers release's changes never reach
 them. What does reach them is how a release builds attention masks while it is being
-exported, and the names of the hooks the mask-free causal capture relies on: both are
-handled here, each one selected by what the installed release has, never by its version
-number. The version numbers are used for one thing only: a warning when the installed
-releases are outside the range the project's CI tests.
+exported, the names of the hooks the mask-free causal capture relies on, and how a causal
+LM's forward takes and returns its key/value cache (``past_key_values`` up to 5.23,
+``cache`` from 5.24): all are handled here, each one selected by what the installed release
+has, never by its version number. The version numbers are used for one thing only: a
+warning when the installed releases are outside the range the project's CI tests.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ import contextlib
 import importlib.metadata
 import inspect
 import logging
+import re
 import sys
+import typing
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 from unittest import mock
 
@@ -29,8 +33,8 @@ logger = logging.getLogger(__name__)
 # The releases CI runs the whole suite on (oldest and newest of each range). pyproject.toml
 # declares the same ranges; tests/test_versions.py keeps the two in step.
 TESTED_RANGES: dict[str, tuple[str, str]] = {
-    "torch": ("2.13.0", "2.13"),
-    "transformers": ("4.57.6", "5.23"),
+    "torch": ("2.13.0", "2.14"),
+    "transformers": ("4.57.6", "5.24"),
 }
 
 
@@ -228,11 +232,174 @@ def causal_attention_without_mask() -> Iterator[bool]:
         yield True
 
 
+# ------------------------------------------------------------ the key/value cache call
+
+# What releases have named the causal LM forward's key/value cache parameter, newest first:
+# ``cache`` from transformers 5.24, ``past_key_values`` before. A parameter annotated with
+# transformers' ``Cache`` is taken whatever its name, so the next rename is followed too.
+CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")
+
+
+class MissingArgumentError(TypeError):
+    """The installed transformers release's forward lacks an argument adaption_fx needs."""
+
+
+def _names_cache_class(annotation: Any, cache_class: type | None) -> bool:
+    """True when ``annotation`` is transformers' ``Cache`` (or a subclass), alone or inside
+    ``Optional``/``Union``/``|``; string annotations (postponed evaluation) are read as text."""
+    if annotation is inspect.Parameter.empty or annotation is None:
+        return False
+    if isinstance(annotation, str):
+        return re.search(r"\b\w*Cache\b", annotation) is not None
+    if isinstance(annotation, type):
+        return cache_class is not None and issubclass(annotation, cache_class)
+    return any(_names_cache_class(a, cache_class) for a in typing.get_args(annotation))
+
+
+def _transformers_cache_class() -> type | None:
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:
+        return None
+    return Cache
+
+
+def cache_argument(forward: Callable) -> str | None:
+    """The name under which ``forward`` takes the model's key/value cache, or None.
+
+    A parameter annotated with transformers' ``Cache`` wins (the releases annotate it);
+    among several, or with no annotation, the known names (:data:`CACHE_ARGUMENT_NAMES`)
+    decide, newest first.
+    """
+    params = inspect.signature(forward).parameters
+    cache_class = _transformers_cache_class()
+    typed = [
+        name
+        for name, p in params.items()
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        and _names_cache_class(p.annotation, cache_class)
+    ]
+    for name in CACHE_ARGUMENT_NAMES:
+        if name in typed or (not typed and name in params):
+            return name
+    return typed[0] if len(typed) == 1 else None
+
+
+def _missing_argument(owner: str, what: str, needed_for: str) -> MissingArgumentError:
+    version = installed_version("transformers") or "(not installed)"
+    return MissingArgumentError(
+        f"{owner}.forward takes no {what} in the installed transformers {version}; "
+        f"{needed_for} needs it (adaption_fx is tested with "
+        f"transformers{tested_range_text('transformers')})"
+    )
+
+
+@dataclass(frozen=True)
+class CacheCall:
+    """How the installed release's causal LM forward takes and returns its key/value cache.
+
+    Attributes:
+        argument: the forward parameter (and output field) holding the cache.
+        use_cache: whether forward takes ``use_cache``.
+        logits_to_keep: whether forward takes ``logits_to_keep`` (else every position's
+            logits are computed and the last is sliced).
+    """
+
+    argument: str
+    use_cache: bool
+    logits_to_keep: bool
+
+    def step_kwargs(self, cache: Any, *, last_logits_only: bool = False) -> dict[str, Any]:
+        """The keyword arguments that pass ``cache`` and ask for it back."""
+        kwargs: dict[str, Any] = {self.argument: cache}
+        if self.use_cache:
+            kwargs["use_cache"] = True
+        if last_logits_only and self.logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        return kwargs
+
+    def returned_cache(self, output: Any) -> Any:
+        """The cache in a forward's output: the field named as the argument, else the one
+        output value that is a transformers ``Cache``; None when there is none."""
+        value = getattr(output, self.argument, None)
+        if value is not None:
+            return value
+        cache_class = _transformers_cache_class()
+        values = output.values() if hasattr(output, "values") else ()
+        found = [v for v in values if cache_class is not None and isinstance(v, cache_class)]
+        return found[0] if len(found) == 1 else None
+
+
+def cache_call(model: Any, needed_for: str = "generation") -> CacheCall:
+    """Read :class:`CacheCall` off ``model``'s forward (its class's, so an instance
+    override during capture does not hide it).
+
+    Raises:
+        MissingArgumentError: the forward lacks ``input_ids``, ``attention_mask``,
+            ``position_ids`` or a key/value cache argument; the message names the argument
+            and the installed transformers release.
+    """
+    forward = type(model).forward if isinstance(model, torch.nn.Module) else model
+    owner = type(model).__name__ if isinstance(model, torch.nn.Module) else forward.__qualname__
+    params = inspect.signature(forward).parameters
+    for name in ("input_ids", "attention_mask", "position_ids"):
+        if name not in params:
+            raise _missing_argument(owner, f"{name!r} argument", needed_for)
+    argument = cache_argument(forward)
+    if argument is None:
+        raise _missing_argument(
+            owner,
+            "key/value cache argument (a parameter typed transformers.Cache or named "
+            + " or ".join(repr(n) for n in CACHE_ARGUMENT_NAMES)
+            + ")",
+            needed_for,
+        )
+    return CacheCall(
+        argument=argument,
+        use_cache="use_cache" in params,
+        logits_to_keep="logits_to_keep" in params,
+    )
+
+
+def dynamic_cache(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """A transformers ``DynamicCache`` holding ``pairs`` (per layer, key and value)."""
+    from transformers import DynamicCache
+
+    if "ddp_cache_data" in inspect.signature(DynamicCache.__init__).parameters:
+        return DynamicCache(ddp_cache_data=pairs)
+    cache = DynamicCache()
+    for layer, (key, value) in enumerate(pairs):
+        cache.update(key, value, layer)
+    return cache
+
+
+def cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the (key, value) tensors a returned cache holds: a ``Cache`` with
+    ``layers`` (transformers >= 4.56) or a legacy tuple of tuples.
+
+    Raises:
+        TypeError: any other kind of cache.
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [(layer.keys, layer.values) for layer in layers]
+    if isinstance(cache, (tuple, list)):
+        return [(k, v) for k, v, *_ in cache]
+    raise TypeError(f"the model returned a {type(cache).__name__} cache; expected a Cache")
+
+
 __all__ = [
+    "CACHE_ARGUMENT_NAMES",
     "TESTED_RANGES",
+    "CacheCall",
+    "MissingArgumentError",
     "UntestedVersionWarning",
+    "cache_argument",
+    "cache_call",
+    "cache_tensors",
     "causal_attention_without_mask",
     "check_versions",
+    "dynamic_cache",
     "installed_version",
     "is_tested",
     "tested_range_text",

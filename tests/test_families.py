@@ -627,6 +627,37 @@ def test_random_adapter_matches_reference(adapted, name):
         model.load_state_dict(initial)
 
 
+# --------------------------------------------------------------------------- generation
+GENERATED = 5
+HF_FAMILIES = [name for name in FAMILIES if name != "custom"]
+
+
+@pytest.mark.parametrize("name", HF_FAMILIES)
+def test_greedy_generation_matches_reference_generate(adapted, name):
+    """The key/value-cache decode step is captured and run on every family (whatever the
+    installed release calls the cache argument): greedy tokens for a left-padded batch equal
+    Hugging Face's own ``generate`` over the reference model, which keeps its own cache, and
+    our loop without the cache."""
+    src, model = adapted(name)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = randomize_adapter(model, seed=11)
+    ids, mask = padded_batch(batch=2, seq=6, vocab=VOCAB, seed=4)
+    assert not bool(mask[1].all())  # row 1 is left-padded
+    options = dict(max_new_tokens=GENERATED, eos_token_id=None, pad_token_id=0)
+    try:
+        ours = model.generate(ids, mask, **options)
+        reference = reference_model(src, state, expected_paths(name))
+        reference.generation_config.eos_token_id = None  # as ours: no early stop
+        with torch.no_grad():
+            expected = reference.generate(
+                input_ids=ids, attention_mask=mask, do_sample=False, **options
+            )
+        assert torch.equal(ours, expected)
+        assert torch.equal(ours, model.generate(ids, mask, use_cache=False, **options))
+    finally:  # leave the shared model at its zero-init state for the other tests
+        model.load_state_dict(initial)
+
+
 # --------------------------------------------------------------------------- bf16
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
 def test_bf16(name):

@@ -3,7 +3,8 @@
 Oracles: the same loop without the cache (use_cache=False), a naive loop over the
 full-sequence capture, the Hugging Face model's own ``generate`` (adapters disabled),
 PEFT's adaption prompt ``generate`` (same adapter), and the Hugging Face model called with
-an explicit ``DynamicCache`` (for the decode graph alone).
+an explicit ``DynamicCache`` (for the decode graph alone), passed under the installed
+release's cache argument.
 
 Capturing is the slow part, so each architecture is rewritten once per module (with a
 randomized "default" adapter that is never modified) and its decode step captured once.
@@ -20,6 +21,7 @@ import torch
 from helpers import assert_rel_close, randomize_adapter, tiny_llama, tiny_mistral
 
 from adaption_fx import AdaptionConfig, rewrite
+from adaption_fx.hf_compat import cache_call, cache_tensors, dynamic_cache
 
 BUILDERS = {"llama": tiny_llama, "mistral": tiny_mistral}  # MHA (4/4 heads), GQA (8/2 heads)
 CFG = AdaptionConfig(adapter_len=4, adapter_layers=2)
@@ -296,20 +298,21 @@ def random_past(layout, batch: int, length: int, seed: int) -> list[torch.Tensor
 def cached_step(hf_model, ids, mask, positions, past: list[torch.Tensor]):
     """A Hugging Face (or PEFT) model's own step over a DynamicCache holding ``past``:
     (logits of the last token, present tensors in our input order)."""
-    from transformers import DynamicCache
-
+    # The installed release's cache argument (past_key_values, or cache from 5.24), read off
+    # the transformers model (a PEFT model's own forward takes **kwargs).
+    base = hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model
+    call = cache_call(base)
     pairs = [(past[i].clone(), past[i + 1].clone()) for i in range(0, len(past), 2)]
     with torch.no_grad():
         out = hf_model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=DynamicCache(ddp_cache_data=pairs),
-            use_cache=True,
+            **call.step_kwargs(dynamic_cache(pairs)),
         )
     presents = []
-    for layer in out.past_key_values.layers:
-        presents += [layer.keys, layer.values]
+    for key, value in cache_tensors(call.returned_cache(out)):
+        presents += [key, value]
     return out.logits[:, -1:], presents
 
 

@@ -52,14 +52,16 @@ def test_installed_releases_are_in_the_tested_range():
         ("transformers", "4.57.6", True),
         ("transformers", "5.0.0", True),
         ("transformers", "5.23.0", True),
-        ("transformers", "5.23.4", True),
+        ("transformers", "5.24.0", True),
+        ("transformers", "5.24.3", True),
         ("transformers", "4.57.5", False),
         ("transformers", "4.56.2", False),
-        ("transformers", "5.24.0", False),
+        ("transformers", "5.25.0", False),
         ("torch", "2.13.0+cpu", True),
         ("torch", "2.13.1", True),
+        ("torch", "2.14.1+cu130", True),
         ("torch", "2.12.0", False),
-        ("torch", "2.14.0", False),
+        ("torch", "2.15.0", False),
     ],
 )
 def test_is_tested(package, version, tested):
@@ -73,7 +75,7 @@ def test_untested_release_warns_once_naming_the_range(monkeypatch):
         "installed_version",
         lambda p: "4.50.0" if p == "transformers" else hf_compat.importlib.metadata.version(p),
     )
-    with pytest.warns(UntestedVersionWarning, match=r"transformers>=4\.57\.6,<5\.24.*4\.50\.0"):
+    with pytest.warns(UntestedVersionWarning, match=r"transformers>=4\.57\.6,<5\.25.*4\.50\.0"):
         assert check_versions(("transformers",)) == ["transformers"]
     with warnings.catch_warnings():
         warnings.simplefilter("error", UntestedVersionWarning)
@@ -89,3 +91,18 @@ def test_capture_of_a_hugging_face_model_checks_the_versions(monkeypatch):
         "torch",
         "transformers",
     }
+
+
+def test_readme_states_the_tested_ranges():
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Supported versions\n", 1)[1].split("\n## ", 1)[0]
+    # The first table: transformers | PEFT | torch | how it is tested.
+    table = section.strip().split("\n\n", 1)[0].splitlines()
+    assert table[0].startswith("| transformers | PEFT"), table[0]
+    for package, (low, newest_line) in TESTED_RANGES.items():
+        assert f"`{package}{hf_compat.tested_range_text(package)}`" in section, package
+        # The table names the oldest release and one of the newest line.
+        column = 0 if package == "transformers" else 2
+        cells = [row.split("|")[1:-1][column].strip() for row in table[2:]]
+        assert any(cell.startswith(low) for cell in cells), (package, cells)
+        assert any(cell.startswith(f"{newest_line}.") for cell in cells), (package, cells)
