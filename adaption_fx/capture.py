@@ -13,7 +13,12 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from adaption_fx.graph_cache import CacheEntry, cache_enabled, cache_entry, cached_export
-from adaption_fx.hf_compat import causal_attention_without_mask, check_versions, vmap_free_masks
+from adaption_fx.hf_compat import (
+    causal_attention_without_mask,
+    check_versions,
+    vmap_free_masks,
+    without_cache,
+)
 from adaption_fx.passes.errors import UnsupportedGraphError
 from adaption_fx.passes.graph_copy import copy_flat_graph, graph_module_sharing
 from adaption_fx.passes.locate import check_aten_graph
@@ -227,9 +232,9 @@ def _hf_example(model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any]]
         "input_ids": {0: batch, 1: seq},
         "attention_mask": {0: batch, 1: seq},
     }
-    if "use_cache" in inspect.signature(model.forward).parameters:
-        kwargs["use_cache"] = False  # logits only: no cache object in the captured outputs
-        dynamic["use_cache"] = None
+    for name, value in without_cache(model.forward).items():
+        kwargs[name] = value  # logits only: no cache object in the captured outputs
+        dynamic[name] = None
     return kwargs, dynamic
 
 

@@ -361,6 +361,12 @@ def cache_call(model: Any, needed_for: str = "generation") -> CacheCall:
     )
 
 
+def without_cache(forward: Callable) -> dict[str, Any]:
+    """The keyword arguments that make ``forward`` return no key/value cache: a captured
+    full-sequence graph returns logits only (``use_cache=False`` where it is taken)."""
+    return {"use_cache": False} if "use_cache" in inspect.signature(forward).parameters else {}
+
+
 def dynamic_cache(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
     """A transformers ``DynamicCache`` holding ``pairs`` (per layer, key and value)."""
     from transformers import DynamicCache
@@ -404,4 +410,5 @@ __all__ = [
     "is_tested",
     "tested_range_text",
     "vmap_free_masks",
+    "without_cache",
 ]
