@@ -354,7 +354,9 @@ def build_stablelm():
     model = _build(
         StableLmConfig,
         StableLmForCausalLM,
-        **{**COMMON, "partial_rotary_factor": 0.5, "use_qkv_bias": True},
+        # pad_token_id=None is every release's default, but 5.0's config does not set it
+        # while its model reads it.
+        **{**COMMON, "partial_rotary_factor": 0.5, "use_qkv_bias": True, "pad_token_id": None},
     )
     attn = model.model.layers[0].self_attn
     assert attn.rotary_ndims == attn.head_dim // 2 and attn.k_proj.bias is not None
@@ -378,7 +380,10 @@ def build_cohere():
 def build_phi():
     from transformers import PhiConfig, PhiForCausalLM
 
-    model = _build(PhiConfig, PhiForCausalLM, **{**COMMON, "partial_rotary_factor": 0.5})
+    # pad_token_id=None: as for StableLM (transformers 5.0).
+    model = _build(
+        PhiConfig, PhiForCausalLM, **{**COMMON, "partial_rotary_factor": 0.5, "pad_token_id": None}
+    )
     attn = model.model.layers[0].self_attn
     assert attn.rotary_ndims == attn.head_dim // 2
     return model
