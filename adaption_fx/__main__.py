@@ -2,6 +2,6 @@
 
 import sys
 
-from adaption_fx.cli import main
+from adaption_fx.app.cli import main
 
 sys.exit(main())

@@ -7,6 +7,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
+from adaption_fx.passes.insert import AdapterStructure
+from adaption_fx.version import __version__
+
 GateKind = Literal["scalar", "per_head"]
 GateActivation = Literal["identity", "tanh"]
 
@@ -51,6 +54,14 @@ class AdaptionConfig:
                 f"gate_activation must be one of {GATE_ACTIVATIONS}, got {self.gate_activation!r}"
             )
 
+    @property
+    def structure(self) -> AdapterStructure:
+        """What the graph pass needs of this configuration (``adapter_layers`` picks the
+        sites before the pass runs)."""
+        return AdapterStructure(
+            adapter_len=self.adapter_len, gate=self.gate, gate_activation=self.gate_activation
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (JSON-serialisable)."""
         return asdict(self)
@@ -67,8 +78,6 @@ class AdaptionConfig:
         PEFT ignores ``gate`` and ``gate_activation``; it fills ``target_modules`` from the
         model type when it is None.
         """
-        from adaption_fx import __version__
-
         return {
             "peft_type": "ADAPTION_PROMPT",
             "adapter_len": self.adapter_len,

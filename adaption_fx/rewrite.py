@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 
-from adaption_fx.capture import capture
+from adaption_fx.capture.export_model import capture
+from adaption_fx.capture.gc_pause import paused_gc
 from adaption_fx.checkpoint import adapter_directory
 from adaption_fx.config import AdaptionConfig
-from adaption_fx.gc_pause import paused_gc
-from adaption_fx.model import AdaptedModel, check_adapter_name
+from adaption_fx.model.adapted import AdaptedModel, check_adapter_name
 from adaption_fx.passes.errors import UnsupportedGraphError
 from adaption_fx.passes.locate import locate_attention
 
@@ -45,7 +45,7 @@ def rewrite(
         generator: random generator for the prompt initialisation (default: torch's global).
         cache: keep Hugging Face causal LMs' torch.export captures (without weights) in the
             persistent graph cache and reuse them, so that a second process starts in a
-            fraction of the time (see :mod:`adaption_fx.graph_cache`; the environment
+            fraction of the time (see :mod:`adaption_fx.capture.graph_cache`; the environment
             variable ``ADAPTION_FX_CACHE=0`` also turns it off).
 
     Returns:

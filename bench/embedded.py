@@ -13,10 +13,10 @@ the median of the per-round ratios. Sections (``--only`` picks some):
 - ``generate``: greedy, 48 new tokens forced, chat prompts, batch 1 and 4 (left-padded):
   ours (PyTorch), ours in ONNX Runtime, PEFT's and the base model's HF ``generate``; the
   tokens of all four must agree (zero-initialised gates).
-- ``train``: one optimizer step (``adaption_fx.train.optimizer_step``, AdamW on the adapter)
+- ``train``: one optimizer step (``adaption_fx.training.loop.optimizer_step``, AdamW on the adapter)
   at batch 8 x 128 tokens, ours against PEFT, next to the ratio of their FLOPs and
   their summed operator time; also ours with the adapter attention left fused (the
-  pre-``adaption_fx/eager.py`` form), to show what writing it out gains.
+  pre-``adaption_fx/model/eager.py`` form), to show what writing it out gains.
 - ``compile``: the same step through ``adaption_fx.export.compile`` against
   ``torch.compile(peft_model)`` (one compile each).
 
@@ -52,9 +52,9 @@ from typing import Any
 
 import torch
 
-from adaption_fx.data import resolve_pad_token_id
+from adaption_fx.training.data import resolve_pad_token_id
 from bench import finetune
-from bench.run import _step_flops, machine, median_ms, ratio
+from bench.common import machine, median_ms, ratio, step_flops
 
 logger = logging.getLogger("bench.embedded")
 
@@ -304,7 +304,7 @@ class Bench:
     def stepper(self, forward: Any, params: list[torch.nn.Parameter]) -> Callable[[], float]:
         """``optimizer_step`` (what ``adaption-fx finetune`` steps with) on the one batch,
         with its own AdamW and schedule."""
-        from adaption_fx.train import TrainingArguments, build_optimizer, optimizer_step
+        from adaption_fx.training.loop import TrainingArguments, build_optimizer, optimizer_step
 
         args = TrainingArguments(max_steps=1000, batch_size=self.cfg.train_batch)
         optimizer, scheduler = build_optimizer(params, args, 0, 1000)
@@ -316,7 +316,7 @@ class Bench:
         return step
 
     def train_params(self) -> dict[str, list[torch.nn.Parameter]]:
-        from adaption_fx.train import active_parameters
+        from adaption_fx.training.loop import active_parameters
 
         peft = self.train_setup()["peft"]
         return {
@@ -340,8 +340,8 @@ class Bench:
             setup["peft"].train()
             params = self.train_params()
             flops = {
-                "ours": _step_flops(self.stepper(self.ours, params["ours"])),
-                "peft": _step_flops(self.stepper(setup["peft"], params["peft"])),
+                "ours": step_flops(self.stepper(self.ours, params["ours"])),
+                "peft": step_flops(self.stepper(setup["peft"], params["peft"])),
             }
             self.reset_train_state()
             self._flops = {
@@ -468,7 +468,7 @@ def child_startup(cfg: Config) -> int:
 
     # What the persistent graph cache did (it logs each load and store at INFO).
     cache_log = _Messages()
-    graph_cache_logger = logging.getLogger("adaption_fx.graph_cache")
+    graph_cache_logger = logging.getLogger("adaption_fx.capture.graph_cache")
     graph_cache_logger.setLevel(logging.INFO)
     graph_cache_logger.addHandler(cache_log)
     entered = time.perf_counter()
@@ -640,7 +640,7 @@ def section_train(b: Bench) -> dict[str, Any]:
 
     def ours_fused(**batch: Any) -> Any:
         # The graph as captured, adapter attention one fused SDPA call: what eager
-        # training ran before adaption_fx/eager.py wrote it out under autograd.
+        # training ran before adaption_fx/model/eager.py wrote it out under autograd.
         return ours.run_graphs(lambda graph_module: graph_module, (), batch)
 
     steppers = {
@@ -912,7 +912,7 @@ def make_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         add(
             "train_ours_fused/peft",
             "training step: ours with the adapter attention fused (SDPA, as eager training "
-            "ran before adaption_fx/eager.py) / PEFT time",
+            "ran before adaption_fx/model/eager.py) / PEFT time",
             t["ours_fused/peft"],
         )
         add("train_flops_ours/peft", "training step FLOPs: ours / PEFT", t["flops ours/peft"])

@@ -1,7 +1,7 @@
 """Fine-tuning throughput (tokens/s): our training loop against the same loop on PEFT's model.
 
 Both contenders fine-tune the embedded SmolLM2-135M-Instruct on the demo task's training
-split (``adaption_fx.demo_task``), encoded with the model's own tokenizer and chat template:
+split (``adaption_fx.app.demo_task``), encoded with the model's own tokenizer and chat template:
 
 - ours: ``rewrite(model, None)`` + ``add_adapter``, stepped by ``train.optimizer_step``
   (what ``Finetune`` steps with), the step ``adaption-fx finetune`` takes (AdamW +
@@ -45,15 +45,15 @@ from typing import Any
 import torch
 
 from adaption_fx import AdaptionConfig, rewrite
-from adaption_fx.data import (
+from adaption_fx.app.demo_task import make_splits
+from adaption_fx.training.data import (
     EncodedDataset,
     collate,
     encode_dataset,
     parse_record,
     resolve_pad_token_id,
 )
-from adaption_fx.demo_task import make_splits
-from adaption_fx.train import (
+from adaption_fx.training.loop import (
     Finetune,
     TrainingArguments,
     batch_loss_sum,
@@ -151,7 +151,7 @@ def load(cfg: Config, records: list[dict[str, str]]) -> tuple[Any, Any, str]:
         return quick_model(cfg, len(tokenizer)), tokenizer, "tiny random Llama (--quick)"
     from transformers.utils import logging as hf_logging
 
-    from adaption_fx.pretrained import load_pretrained
+    from adaption_fx.app.pretrained import load_pretrained
 
     # transformers' own progress bars would bury the benchmark's output (its GGUF
     # de-quantisation bar is a plain tqdm and still shows); restored after.
@@ -393,7 +393,7 @@ def table(results: dict[str, Any]) -> str:
 
 
 def run_benchmark(cfg: Config) -> dict[str, Any]:
-    from bench.run import machine
+    from bench.common import machine
 
     torch.set_num_threads(cfg.threads)
     records = make_splits(train_size=cfg.train_size, seed=cfg.seed).train

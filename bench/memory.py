@@ -179,7 +179,7 @@ class _LayerTracker(torch.fx.Interpreter):
 
 def ours_by_layer(model: AdaptedModel, feed: dict[str, Any]) -> StepMemory:
     """:func:`step_memory` of ours with the saved bytes split by decoder layer."""
-    from adaption_fx.eager import eager_graph
+    from adaption_fx.model.eager import eager_graph
     from adaption_fx.passes.activation_checkpoint import decoder_layer_regions
 
     sites = [s.module_path for s in model.sites]
@@ -204,7 +204,7 @@ def ours_by_layer(model: AdaptedModel, feed: dict[str, Any]) -> StepMemory:
 # --------------------------------------------------------------------- models
 def embedded_model() -> Any:
     """The embedded SmolLM2-135M-Instruct (fp32, CPU, eval)."""
-    from adaption_fx.pretrained import load_pretrained
+    from adaption_fx.app.pretrained import load_pretrained
 
     return load_pretrained(None).model
 

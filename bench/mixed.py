@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from adaption_fx import AdaptedModel, AdaptionConfig, rewrite
+from bench.common import ratio
 from bench.embedded import race as embedded_race
 from bench.memory import embedded_model, torch_threads
 from bench.run import Config as ToyConfig
@@ -69,16 +70,12 @@ def race(contenders: dict[str, Callable[[], Any]], warmup: int, repeats: int) ->
     return embedded_race(contenders, warmup, repeats)["wall"]
 
 
-def _ratio(times: dict[str, list[float]], num: str, den: str) -> float:
-    return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
-
-
 def _summary(times: dict[str, list[float]]) -> dict[str, Any]:
     return {
         "ms": {k: 1000 * statistics.median(v) for k, v in times.items()},
-        "mixed/single": _ratio(times, "mixed", "single"),
-        "separate/single": _ratio(times, "separate", "single"),
-        "separate/mixed": _ratio(times, "separate", "mixed"),
+        "mixed/single": ratio(times, "mixed", "single"),
+        "separate/single": ratio(times, "separate", "single"),
+        "separate/mixed": ratio(times, "separate", "mixed"),
     }
 
 

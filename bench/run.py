@@ -16,8 +16,6 @@ import argparse
 import copy
 import json
 import logging
-import os
-import platform
 import resource
 import statistics
 import sys
@@ -32,8 +30,9 @@ from typing import Any
 import torch
 
 from adaption_fx import AdaptionConfig, rewrite
-from adaption_fx.capture import capture
+from adaption_fx.capture.export_model import capture
 from adaption_fx.passes import insert_adaption_prompt, locate_attention, select_top_sites
+from bench.common import machine, median_ms, ratio, step_flops
 
 logger = logging.getLogger("bench")
 
@@ -145,14 +144,6 @@ def race(
     return times
 
 
-def ratio(times: dict[str, list[float]], num: str, den: str) -> float:
-    return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
-
-
-def median_ms(times: dict[str, list[float]]) -> dict[str, float]:
-    return {k: 1000 * statistics.median(v) for k, v in times.items()}
-
-
 def _disabled(model):
     """Our model with adapters disabled: the captured base graph alone."""
 
@@ -211,7 +202,7 @@ def section_train(cfg: Config) -> dict[str, Any]:
         return step
 
     times = race({"ours": stepper(ours), "peft": stepper(peft_model)}, cfg.warmup, cfg.repeats)
-    flops = {name: _step_flops(stepper(m)) for name, m in (("ours", ours), ("peft", peft_model))}
+    flops = {name: step_flops(stepper(m)) for name, m in (("ours", ours), ("peft", peft_model))}
     return {
         "ms": median_ms(times),
         "ours/peft": ratio(times, "ours", "peft"),
@@ -221,15 +212,6 @@ def section_train(cfg: Config) -> dict[str, Any]:
         "gflops": {k: v / 1e9 for k, v in flops.items()},
         "flops ours/peft": flops["ours"] / flops["peft"],
     }
-
-
-def _step_flops(step: Callable[[], None]) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step()
-    return counter.get_total_flops()
 
 
 def section_compile(cfg: Config) -> dict[str, Any]:
@@ -358,7 +340,9 @@ def section_rewrite(cfg: Config) -> dict[str, Any]:
     for _ in range(max(3, cfg.warmup)):
         t0 = time.perf_counter()
         sites = locate_attention(captured.graph_module)
-        insert_adaption_prompt(captured.graph_module, select_top_sites(sites, len(sites)), config)
+        insert_adaption_prompt(
+            captured.graph_module, select_top_sites(sites, len(sites)), config.structure
+        )
         rewrite_times.append(time.perf_counter() - t0)
     full_started = time.perf_counter()
     adapted = rewrite(base, config)
@@ -506,28 +490,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def machine() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-
-
 SECTIONS = ("eager", "train", "compile", "ort", "generate", "rewrite", "scaling")
 
 
 def main(argv: list[str] | None = None) -> int:
-    # --model embedded: the real-model table (bench/embedded.py), which has its own flags.
-    chooser = argparse.ArgumentParser(add_help=False)
-    chooser.add_argument("--model", choices=("toy", "embedded"), default="toy")
-    chosen, rest = chooser.parse_known_args(argv)
-    if chosen.model == "embedded":
-        from bench.embedded import main as embedded_main
-
-        return embedded_main(rest)
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--model",

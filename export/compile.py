@@ -8,9 +8,9 @@ from typing import Any
 import torch
 import torch.fx
 
-from adaption_fx.eager import GradientCheckpointing, checkpoint_adapted_layers
-from adaption_fx.generate import EosTokenIds
-from adaption_fx.model import AdaptedModel
+from adaption_fx.generation.options import EosTokenIds
+from adaption_fx.model.adapted import AdaptedModel
+from adaption_fx.model.eager import GradientCheckpointing, checkpoint_adapted_layers
 from adaption_fx.passes.unfuse import unfuse_adapter_attention
 
 logger = logging.getLogger(__name__)

@@ -42,12 +42,12 @@ import torch.fx
 import torch.utils._pytree as pytree
 from tqdm.auto import tqdm
 
-from adaption_fx.config import AdaptionConfig
-from adaption_fx.model import AdaptedModel
+from adaption_fx.model.adapted import AdaptedModel
 from adaption_fx.passes.cleanup import functionalize_fresh_inplace, is_functional
 from adaption_fx.passes.fold import FOLDED_SUFFIXES, adapter_projection, fold_adapter_kv
 from adaption_fx.passes.insert import (
     PROMPT_SUFFIX,
+    AdapterStructure,
     AdaptionGraph,
     insert_adaption_prompt,
     prompt_key,
@@ -66,7 +66,7 @@ METADATA_KEY = "adaption_fx"
 PROJECTION_SUFFIX = ".adapter.onnx"
 
 
-class _FlatCall(torch.nn.Module):
+class FlatCall(torch.nn.Module):
     """Calls a flat graph with tensor inputs positionally, filling captured constants.
 
     ``input_dims``: for the inputs after the model's own (the adapter inputs), each one's
@@ -304,9 +304,7 @@ def _mixed_plan(
     union = insert_adaption_prompt(
         model.base_graph_module,
         list(mixed.sites),
-        AdaptionConfig(
-            adapter_len=max_adapter_len, adapter_layers=len(mixed.sites), gate="per_head"
-        ),
+        AdapterStructure(adapter_len=max_adapter_len, gate="per_head"),
     )
     projection, proj_inputs, proj_outputs = _prompt_projection(union)
     hidden = {prompt_key(s): s.hidden_size for s in mixed.sites}
@@ -450,7 +448,7 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 # --------------------------------------------------------------------- direct translation
-# torch.onnx.export of the graph would trace it again (torch.export of a _FlatCall), trace it a
+# torch.onnx.export of the graph would trace it again (torch.export of a FlatCall), trace it a
 # third time to decompose it, translate it, then run onnxscript's optimizer: about 99 s for
 # the embedded 30-layer model, nearly all of it the two traces and the optimizer's pattern
 # matching. The captured graph is already a flat ATen graph with fake-tensor metadata, so it
@@ -483,7 +481,7 @@ _ALIASES = {
 _EXTERNAL_DATA_THRESHOLD = 1536 * 1024 * 1024
 
 
-class _NotDirect(Exception):
+class NotDirect(Exception):
     """The direct translation does not cover this graph; torch.onnx.export does."""
 
 
@@ -502,7 +500,7 @@ class _DirectGraph:
     weights: list[tuple[torch.fx.Node, str, torch.Tensor]]  # placeholder, initializer, value
 
 
-def _direct_graph(module: _FlatCall, args: tuple, prefix: str, static: bool) -> _DirectGraph:
+def direct_graph(module: FlatCall, args: tuple, prefix: str, static: bool) -> _DirectGraph:
     """A copy of the wrapper's graph to translate: its inputs as placeholders, every tensor
     attribute and baked adapter tensor as a placeholder that becomes an initializer (named
     ``prefix`` + its attribute path), captured constants (``use_cache=False``) filled in,
@@ -524,13 +522,13 @@ def _direct_graph(module: _FlatCall, args: tuple, prefix: str, static: bool) -> 
     fresh = fake_mode is None
     if fresh:
         if not static:
-            raise _NotDirect("the graph's inputs have no fake tensors with dynamic sizes")
+            raise NotDirect("the graph's inputs have no fake tensors with dynamic sizes")
         fake_mode = FakeTensorMode()
     baked = {name: getattr(module, name) for name in module.buffer_names}
     n_inputs = sum(kind == "input" for kind, _ in module.layout)
     expected = len(module.layout) + len(args) - n_inputs + len(baked)
     if len(source) != expected:
-        raise _NotDirect(f"the graph takes {len(source)} inputs, the wrapper passes {expected}")
+        raise NotDirect(f"the graph takes {len(source)} inputs, the wrapper passes {expected}")
 
     graph = torch.fx.Graph()
     env: dict[torch.fx.Node, Any] = {}
@@ -548,7 +546,7 @@ def _direct_graph(module: _FlatCall, args: tuple, prefix: str, static: bool) -> 
             new.meta["val"] = val
         elif fresh or not isinstance(new.meta.get("val"), (FakeTensor, torch.SymInt)):
             if not (fixed or fresh):
-                raise _NotDirect(f"input {node.name} has no fake tensor")
+                raise NotDirect(f"input {node.name} has no fake tensor")
             new.meta["val"] = fake_mode.from_tensor(value, static_shapes=True)
         env[node] = new
         return new
@@ -564,7 +562,7 @@ def _direct_graph(module: _FlatCall, args: tuple, prefix: str, static: bool) -> 
     vals: list[Any] = [None] * len(extra)
     if module.input_dims is not None:
         if fresh:
-            raise _NotDirect("dynamic adapter inputs need the capture's fake tensors")
+            raise NotDirect("dynamic adapter inputs need the capture's fake tensors")
         vals = _symbolic_inputs(fake_mode, inputs, extra, module.input_dims)
     for value, val in zip(extra, vals, strict=True):
         inputs.append(placeholder(next(feed), value, fixed=True, val=val))
@@ -576,7 +574,7 @@ def _direct_graph(module: _FlatCall, args: tuple, prefix: str, static: bool) -> 
             continue
         value = operator.attrgetter(node.target)(gm)
         if not isinstance(value, torch.Tensor):
-            raise _NotDirect(f"get_attr {node.target} is a {type(value).__name__}")
+            raise NotDirect(f"get_attr {node.target} is a {type(value).__name__}")
         if id(value) in lifted:  # tied weights: one initializer
             env[node] = lifted[id(value)]
             continue
@@ -596,7 +594,7 @@ def _direct_graph(module: _FlatCall, args: tuple, prefix: str, static: bool) -> 
         if node.op == "call_module" and not node.users:
             continue  # torch.export's input guards (_guards_fn): nothing to compute
         if node.op != "call_function":
-            raise _NotDirect(f"{node.op} node {node.name}")
+            raise NotDirect(f"{node.op} node {node.name}")
         target = node.target
         if target in _ASSERTIONS:
             continue
@@ -625,7 +623,7 @@ def _direct_graph(module: _FlatCall, args: tuple, prefix: str, static: bool) -> 
             for n in graph.nodes
             if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
         )
-        raise _NotDirect(f"{mutating} mutates its input")
+        raise NotDirect(f"{mutating} mutates its input")
     return _DirectGraph(graph, inputs, weights)
 
 
@@ -639,25 +637,25 @@ def _symbolic_inputs(
     values: list[torch.Tensor],
     input_dims: list[dict[int, str]],
 ) -> list[Any]:
-    """Fake tensors for inputs whose sizes vary (see ``_FlatCall.input_dims``), in the
+    """Fake tensors for inputs whose sizes vary (see ``FlatCall.input_dims``), in the
     capture's shape environment: an axis named ``"batch"`` gets the batch size of the
     model's first batched input (a symbol of the capture), every other name a new symbol
     of its own, hinted by the example's size. Nodes computed from these inputs (run on
-    fake tensors by :func:`_direct_graph`) then carry those symbols, and the ONNX inputs
+    fake tensors by :func:`direct_graph`) then carry those symbols, and the ONNX inputs
     get a named dynamic axis for each (renamed after the ``torch.export.Dim`` names)."""
     from torch._dynamo.source import ConstantSource
     from torch.fx.experimental.symbolic_shapes import DimDynamic
 
     shape_env = fake_mode.shape_env
     if shape_env is None:
-        raise _NotDirect("the capture's fake tensors have no shape environment")
+        raise NotDirect("the capture's fake tensors have no shape environment")
     batched = [
         n.meta["val"]
         for n in model_inputs
         if isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() > 0
     ]
     if not batched:
-        raise _NotDirect("no batched model input to take the batch size from")
+        raise NotDirect("no batched model input to take the batch size from")
     sizes: dict[str, Any] = {BATCH_DIM: batched[0].shape[0]}
     device = batched[0].device
     vals = []
@@ -667,7 +665,7 @@ def _symbolic_inputs(
             if name not in sizes:
                 hint = int(value.shape[axis])
                 if hint < 2:
-                    raise _NotDirect(f"example size {hint} for {name!r}: 0 and 1 specialise")
+                    raise NotDirect(f"example size {hint} for {name!r}: 0 and 1 specialise")
                 # A source of its own per export: the capture's environment outlives it.
                 source = ConstantSource(f"adaption_fx_{name}_{next(_SYMBOL_IDS)}")
                 # DYNAMIC, not DUCK: a size of its own even where another has the same hint.
@@ -681,7 +679,7 @@ def _symbolic_inputs(
     return vals
 
 
-def _promotion_needed(graph: torch.fx.Graph) -> bool:
+def promotion_needed(graph: torch.fx.Graph) -> bool:
     """Whether the exporter's type-promotion pass would insert a cast anywhere: the pass
     runs every node again under fake tensors, where this reads the nodes' metadata."""
     from torch.onnx._internal.fx import type_utils
@@ -758,7 +756,7 @@ def _lean_translation() -> Iterator[None]:
 
 
 def _translate(
-    module: _FlatCall,
+    module: FlatCall,
     args: tuple,
     *,
     prefix: str,
@@ -767,14 +765,14 @@ def _translate(
     dynamic_shapes: Any,
     opset: int | None,
 ) -> Any:
-    """The ONNX model (``onnx_ir.Model``) of a _FlatCall's graph, translated directly."""
+    """The ONNX model (``onnx_ir.Model``) of a FlatCall's graph, translated directly."""
     from onnxscript import ir
     from torch.onnx._internal._lazy_import import onnxscript_apis
     from torch.onnx._internal.exporter import _constants, _core, _fx_passes, _ir_passes
 
     static = not any(dynamic_shapes[0]) if dynamic_shapes else True
-    direct = _direct_graph(module, args, prefix, static)
-    if _promotion_needed(direct.graph):
+    direct = direct_graph(module, args, prefix, static)
+    if promotion_needed(direct.graph):
         _fx_passes.insert_type_promotion_nodes(
             torch.fx.GraphModule(torch.nn.Module(), direct.graph)
         )
@@ -785,7 +783,7 @@ def _translate(
             and node.target is not operator.getitem
             and not registry.is_registered(node.target)
         ):
-            raise _NotDirect(f"torchlib has no translation of {node.target}")
+            raise NotDirect(f"torchlib has no translation of {node.target}")
 
     model = ir.Model(
         ir.Graph([], [], nodes=[], name="main_graph"),
@@ -879,7 +877,7 @@ def _fold_weight_transposes(model: Any) -> None:
             graph.register_initializer(value)
 
 
-def _export(
+def onnx_model_of(
     module: torch.nn.Module,
     args: tuple,
     *,
@@ -889,15 +887,15 @@ def _export(
     opset: int | None,
 ) -> Any:
     """The ONNX model (``onnx_ir.Model``) of ``module`` called with ``args``: translated
-    directly for an FX graph (or a _FlatCall's) where that covers it, else by
+    directly for an FX graph (or a FlatCall's) where that covers it, else by
     torch.onnx.export. Weights keep the names torch.onnx.export gives them (``.T`` added
     to those stored transposed)."""
-    direct: _FlatCall | None = None
-    if isinstance(module, _FlatCall):
+    direct: FlatCall | None = None
+    if isinstance(module, FlatCall):
         direct, prefix = module, "graph_module."
     elif isinstance(module, torch.fx.GraphModule):
         n_inputs = sum(node.op == "placeholder" for node in module.graph.nodes)
-        direct, prefix = _FlatCall(module, [("input", None)] * n_inputs, {}), ""
+        direct, prefix = FlatCall(module, [("input", None)] * n_inputs, {}), ""
     if direct is not None:
         try:
             return _translate(
@@ -909,7 +907,7 @@ def _export(
                 dynamic_shapes=dynamic_shapes,
                 opset=opset,
             )
-        except _NotDirect as exc:
+        except NotDirect as exc:
             logger.info("exporting with torch.onnx.export (slower): %s", exc)
         except Exception as exc:  # a translation this graph trips: the exporter may not
             logger.warning(
@@ -935,7 +933,7 @@ def _export(
     return program.model
 
 
-def _save(model: Any, path: Path, external_data: bool | None) -> None:
+def save_onnx(model: Any, path: Path, external_data: bool | None) -> None:
     from onnxscript import ir
 
     if external_data is None:
@@ -947,7 +945,7 @@ def _save(model: Any, path: Path, external_data: bool | None) -> None:
         external_data = size > _EXTERNAL_DATA_THRESHOLD
     if external_data:
         ir.save(model, path, external_data=path.name + ".data")
-    elif not _write_streamed(model, path):
+    elif not write_streamed(model, path):
         ir.save(model, path)
 
 
@@ -965,7 +963,7 @@ def _varint(n: int) -> bytes:
 _MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = b"\x3a", b"\x2a", b"\x4a"
 
 
-def _write_streamed(model: Any, path: Path) -> bool:
+def write_streamed(model: Any, path: Path) -> bool:
     """Write ``model`` as one .onnx file, its weights copied from their tensors straight
     into the file; False (nothing written) where a weight is not plain numbers.
 
@@ -1233,7 +1231,7 @@ def _write(
         input_dims = mixed_plan.input_dims
     else:
         plan = _plan(model, adapter_name, adapter_as_inputs, fold)
-    wrapper = _FlatCall(plan.graph_module, layout, plan.baked, input_dims)
+    wrapper = FlatCall(plan.graph_module, layout, plan.baked, input_dims)
     # Only the top module's flag: .eval() would recurse into submodules shared with the
     # user's model. The ATen graph does not read training flags; the exporter checks it.
     wrapper.training = False
@@ -1258,7 +1256,7 @@ def _write(
     what = "mixed batch" if mixed_plan else plan.adapter["name"] if plan.adapter else "base"
     logger.info("exporting %s to %s", what, path)
     stage("translate to ONNX")
-    onnx_model = _export(
+    onnx_model = onnx_model_of(
         wrapper,
         tuple(examples + adapter_examples),
         input_names=names + plan.adapter_inputs,
@@ -1271,7 +1269,7 @@ def _write(
     if mixed_plan is not None:
         stage("export the adapter projection")
         mixed_plan.projection.training = False
-        projection = _export(
+        projection = onnx_model_of(
             mixed_plan.projection,
             tuple(mixed_plan.projection_examples),
             input_names=mixed_plan.projection_inputs,
@@ -1284,7 +1282,7 @@ def _write(
         stage("export the adapter projection")
         proj_module, proj_outputs = adapter_projection(plan.source)
         proj_module.training = False
-        projection = _export(
+        projection = onnx_model_of(
             proj_module,
             tuple(plan.source_tensors),
             input_names=plan.raw_inputs,
@@ -1332,9 +1330,9 @@ def _write(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        _save(onnx_model, tmp / path.name, external_data)
+        save_onnx(onnx_model, tmp / path.name, external_data)
         if projection is not None:
-            _save(projection, tmp / projection_name, None)
+            save_onnx(projection, tmp / projection_name, None)
         stage("check")
         # By path: the checker reads the file itself (and any external data beside it).
         onnx.checker.check_model(str(tmp / path.name))

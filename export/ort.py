@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 
 # At module level, unlike torch below: the adaption_fx package has loaded both already.
-from adaption_fx.generate import MODEL_DEFAULT, EosTokenIds, ModelDefault
-from adaption_fx.mixed_batch import (
+from adaption_fx.generation.options import MODEL_DEFAULT, EosTokenIds, ModelDefault
+from adaption_fx.model.mixed import (
     BASE_ADAPTER,
     TableEntry,
     build_adapter_table,
@@ -316,7 +316,7 @@ class OrtModel:
         """
         import torch
 
-        from adaption_fx.generate import generate
+        from adaption_fx.generation.loop import generate
 
         if isinstance(input_ids, np.ndarray):
             input_ids = torch.from_numpy(input_ids)

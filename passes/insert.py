@@ -21,11 +21,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.fx
 
-from adaption_fx.config import AdaptionConfig
 from adaption_fx.passes.graph_copy import copy_flat_graph, graph_module_sharing
 from adaption_fx.passes.locate import ADAPTION_META_KEY, check_aten_graph
 from adaption_fx.passes.site import AttentionSite, TensorPath
@@ -34,6 +34,25 @@ aten = torch.ops.aten
 
 PROMPT_SUFFIX = "adaption_prompt"
 GATE_SUFFIX = "adaption_gate"
+
+
+@dataclass(frozen=True)
+class AdapterStructure:
+    """What the inserted nodes depend on: the prompt length and the gate's kind and activation.
+
+    Plain data defined here, so that the passes depend on nothing else in the library;
+    ``AdaptionConfig.structure`` gives the one a configuration describes.
+
+    Attributes:
+        adapter_len: prompt tokens per adapted layer.
+        gate: ``"scalar"`` (one gate per layer) or ``"per_head"`` (one per query head).
+        gate_activation: ``"identity"`` or ``"tanh"``, applied to the gate before it scales
+            the adapter values.
+    """
+
+    adapter_len: int
+    gate: Literal["scalar", "per_head"] = "scalar"
+    gate_activation: Literal["identity", "tanh"] = "identity"
 
 
 def prompt_key(site: AttentionSite) -> str:
@@ -47,13 +66,13 @@ def gate_key(site: AttentionSite) -> str:
 
 
 def adapter_tensor_shapes(
-    sites: Sequence[AttentionSite], config: AdaptionConfig
+    sites: Sequence[AttentionSite], structure: AdapterStructure
 ) -> dict[str, tuple[int, ...]]:
     """Shapes of the adapter tensors for ``sites``, keyed as in the state dict, in input order."""
     shapes: dict[str, tuple[int, ...]] = {}
     for site in sites:
-        shapes[prompt_key(site)] = (1, config.adapter_len, site.hidden_size)
-        gate_shape = (1,) if config.gate == "scalar" else (1, site.num_heads, 1, 1)
+        shapes[prompt_key(site)] = (1, structure.adapter_len, site.hidden_size)
+        gate_shape = (1,) if structure.gate == "scalar" else (1, site.num_heads, 1, 1)
         shapes[gate_key(site)] = gate_shape
     return shapes
 
@@ -250,14 +269,14 @@ def _insert_site(
     graph: torch.fx.Graph,
     nodes: dict[str, torch.fx.Node],
     site: AttentionSite,
-    config: AdaptionConfig,
+    structure: AdapterStructure,
     prompt: torch.fx.Node,
     gate: torch.fx.Node,
 ) -> None:
     attn = nodes[site.attention_node]
     query = nodes[site.query_node]
     b = BranchBuilder(graph, attn, site)
-    n = config.adapter_len
+    n = structure.adapter_len
     replay = _Replay(b, nodes, prompt, n)
     _, k = replay.run(site.key_path, "key")
     _, v = replay.run(site.value_path, "value")
@@ -268,7 +287,7 @@ def _insert_site(
     # rather than on the (batch, heads, seq, adapter_len) scores: same result, two fewer
     # passes over activations per layer. With a zero gate, gate * V is exactly zero.
     k = b(aten.mul.Tensor, (k, site.scale), "key_scaled")
-    if config.gate_activation == "tanh":
+    if structure.gate_activation == "tanh":
         gate = b(aten.tanh.default, (gate,), "gate_tanh")
     v = b(aten.mul.Tensor, (v, gate), "value_gated")
     if site.softcap is None:
@@ -308,7 +327,7 @@ def copy_for_sites(
 def insert_adaption_prompt(
     gm: torch.fx.GraphModule,
     sites: Sequence[AttentionSite],
-    config: AdaptionConfig,
+    structure: AdapterStructure,
 ) -> AdaptionGraph:
     """Rewrite a copy of ``gm`` so that each of ``sites`` carries an adaption prompt.
 
@@ -339,7 +358,7 @@ def insert_adaption_prompt(
         inputs.append((site, created[0], created[1]))
 
     for site, prompt, gate in inputs:
-        _insert_site(graph, nodes, site, config, prompt, gate)
+        _insert_site(graph, nodes, site, structure, prompt, gate)
     graph.lint()
     rewritten = graph_module_sharing(gm, graph, class_name="AdaptedGraphModule")
     return AdaptionGraph(graph_module=rewritten, sites=tuple(sites), adapter_inputs=tuple(keys))
@@ -365,6 +384,7 @@ def without_batch_expand(node: object) -> object:
 
 __all__ = [
     "ADAPTION_META_KEY",
+    "AdapterStructure",
     "AdaptionGraph",
     "BranchBuilder",
     "adapter_tensor_shapes",

@@ -3,7 +3,7 @@
 torch.export's cost grows with the number of layers it traces, yet a decoder's layers run
 the same code on weights of the same shapes. Capturing a model cut down to its first layer
 and copying that layer's nodes gives the graph of the whole model for the price of one
-layer. This pass does the copying; ``adaption_fx.repeated`` decides when a model's layers
+layer. This pass does the copying; ``adaption_fx.capture.repeated`` decides when a model's layers
 are alike enough for it and checks the result against the model.
 
 Precondition: ``graph`` is a flat ATen graph from torch.export whose nodes carry

@@ -131,7 +131,7 @@ def response_cross_entropy(model, data) -> float:
     """Mean next-token cross-entropy over the response tokens of an EncodedDataset, each
     example run on its own (no padding), in float64: the fine-tuning tests' independent
     reference for the loss the training loop and `eval` report."""
-    from adaption_fx.data import IGNORE_INDEX
+    from adaption_fx.training.data import IGNORE_INDEX
 
     total, count = 0.0, 0
     with torch.no_grad():
@@ -158,7 +158,7 @@ def one_thread():
 
 
 def positions_for(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of a left-padded batch, as adaption_fx.generate computes them."""
+    """Position ids of a left-padded batch, as adaption_fx.generation.loop computes them."""
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 

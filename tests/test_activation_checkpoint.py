@@ -14,7 +14,7 @@ from helpers import (
 )
 
 from adaption_fx import AdaptionConfig, UnsupportedGraphError, rewrite
-from adaption_fx.eager import eager_graph, training_graph
+from adaption_fx.model.eager import eager_graph, training_graph
 from adaption_fx.passes.activation_checkpoint import (
     checkpointed_regions,
     decoder_layer_regions,

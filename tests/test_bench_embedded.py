@@ -65,7 +65,7 @@ TARGETED = {
 @pytest.fixture
 def bench_main(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
-    from bench.run import main
+    from bench.main import main
 
     return main
 

@@ -1,7 +1,7 @@
 """The key/value cache argument is bound by what the installed forward offers.
 
 transformers 5.24 renamed the causal LM forward's ``past_key_values`` to ``cache`` (input
-and output field). ``adaption_fx.hf_compat.cache_call`` reads the name off the installed
+and output field). ``adaption_fx.capture.hf_compat.cache_call`` reads the name off the installed
 signature (a parameter typed ``Cache``, else a known name), so both releases work, and so
 does a model whose forward uses another name, as the next release might; a forward with no
 cache argument is refused naming the argument and the installed release.
@@ -19,7 +19,7 @@ from transformers import LlamaForCausalLM
 from transformers.cache_utils import Cache, DynamicCache
 
 from adaption_fx import AdaptionConfig, rewrite
-from adaption_fx.hf_compat import (
+from adaption_fx.capture.hf_compat import (
     CACHE_ARGUMENT_NAMES,
     MissingArgumentError,
     cache_argument,

@@ -13,7 +13,7 @@ import torch
 from helpers import assert_rel_close, padded_batch, randomize_adapter, tiny_llama, tiny_mistral
 
 from adaption_fx import AdaptionConfig, rewrite
-from adaption_fx.capture import capture
+from adaption_fx.capture.export_model import capture
 
 aten = torch.ops.aten
 
@@ -29,8 +29,8 @@ def llama_pair():
 def _graph_calls(model):
     """Counts of calls to the masked and the causal rewritten graphs of the active adapter
     (either form: with autograd recording, the one with the adapter attention written out
-    runs, see adaption_fx.eager)."""
-    from adaption_fx.eager import eager_graph
+    runs, see adaption_fx.model.eager)."""
+    from adaption_fx.model.eager import eager_graph
 
     key = model._adapter_structure[model.active_adapter]
     calls = {"masked": 0, "causal": 0}

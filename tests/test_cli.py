@@ -1,4 +1,4 @@
-"""The ``adaption-fx`` command line, run in-process through ``adaption_fx.cli.main``.
+"""The ``adaption-fx`` command line, run in-process through ``adaption_fx.app.cli.main``.
 
 The models are tiny Llamas saved with ``save_pretrained`` next to the word-level test
 tokenizer (whose vocabulary includes the demo task's words), so ``--model DIR`` loads them
@@ -32,11 +32,11 @@ from helpers import (
 from safetensors.torch import load_file
 from tokenizers_for_tests import make_tokenizer
 
-import adaption_fx.text
+import adaption_fx.generation.text
 from adaption_fx import AdaptionConfig, rewrite
-from adaption_fx.cli import main
-from adaption_fx.data import alpaca_prompt, encode_dataset, read_records
-from adaption_fx.demo_task import make_splits, score, write_splits
+from adaption_fx.app.cli import main
+from adaption_fx.app.demo_task import make_splits, score, write_splits
+from adaption_fx.training.data import alpaca_prompt, encode_dataset, read_records
 
 TOKEN_IDS = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)  # the test tokenizer's
 TASK = make_splits(train_size=4, held_out_size=3, seed=0)
@@ -211,7 +211,7 @@ def test_module_help_and_console_script():
     for command in ("finetune", "generate", "export", "eval", "demo"):
         assert command in result.stdout
     scripts = importlib.metadata.entry_points(group="console_scripts")
-    assert [e.value for e in scripts if e.name == "adaption-fx"] == ["adaption_fx.cli:main"]
+    assert [e.value for e in scripts if e.name == "adaption-fx"] == ["adaption_fx.app.cli:main"]
     assert (Path(sys.executable).parent / "adaption-fx").is_file()
 
 
@@ -466,7 +466,7 @@ def test_generate_sampling_follows_the_seed(models, adapted, trained, capsys):
     assert code == 0, err
     prompts = [alpaca_prompt(p) for p in PROMPTS[:2]]
     again = [
-        adaption_fx.text.generate_text(
+        adaption_fx.generation.text.generate_text(
             adapted, models.tokenizer, prompts, max_new_tokens=NEW, do_sample=True, seed=seed
         )
         for seed in (5, 6)
@@ -522,7 +522,7 @@ def test_eval_on_the_demo_task_reports_exact_match(models, trained, adapted, tmp
     code, out, err = run(capsys, *argv, "--max-new-tokens", NEW)
     assert code == 0, err
     records = TASK.held_out
-    answers = adaption_fx.text.generate_text(
+    answers = adaption_fx.generation.text.generate_text(
         adapted,
         models.tokenizer,
         [alpaca_prompt(r["instruction"], r["input"]) for r in records],
@@ -547,7 +547,7 @@ def test_eval_exact_match_counts_right_answers(models, tmp_path, capsys, monkeyp
         found = [next(i for i, r in enumerate(records) if r["input"] in p) for p in prompts]
         return [records[i]["output"] if i != 1 else "NAME: Aiko | CITY: Kyoto" for i in found]
 
-    monkeypatch.setattr(adaption_fx.text, "generate_text", answer)
+    monkeypatch.setattr(adaption_fx.generation.text, "generate_text", answer)
     argv = ["eval", "--model", models.base, "--data", held_out]
     code, out, err = run(capsys, *argv, *"--batch-size 2 --max-new-tokens 5 --json".split())
     assert code == 0, err

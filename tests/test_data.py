@@ -1,4 +1,5 @@
-"""adaption_fx.data: reading records, prompts, response-only labels, batching, collation."""
+"""adaption_fx.training.data: reading records, prompts, response-only labels, batching,
+collation."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from tokenizers_for_tests import CHATML_TEMPLATE, make_tokenizer
 
-from adaption_fx.data import (
+from adaption_fx.training.data import (
     IGNORE_INDEX,
     AlpacaFields,
     DataError,

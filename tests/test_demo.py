@@ -13,8 +13,8 @@ import pytest
 from helpers import tiny_llama
 from tokenizers_for_tests import make_tokenizer
 
-from adaption_fx.demo import DemoSettings, add_arguments, run_demo, run_from_args
-from adaption_fx.demo_task import (
+from adaption_fx.app.demo import DemoSettings, add_arguments, run_demo, run_from_args
+from adaption_fx.app.demo_task import (
     INSTRUCTION,
     answer,
     is_task_example,

@@ -1,8 +1,8 @@
-"""Data-parallel fine-tuning under torchrun (adaption_fx.distributed): 2 gloo processes.
+"""Data-parallel fine-tuning under torchrun (adaption_fx.training.distributed): 2 gloo processes.
 
 Every job is ``python -m torch.distributed.run --nproc_per_node 2 <this file> ...``: run as
 a script, this file is the worker (see the bottom). In ``cli`` mode a worker runs
-``adaption_fx.cli.main`` (what ``-m adaption_fx`` runs) and then saves the adapter it holds
+``adaption_fx.app.cli.main`` (what ``-m adaption_fx`` runs) and then saves the adapter it holds
 under its rank's name, in a folder of the test's, so that every rank's adapter can be
 compared, not only the one rank 0 writes. In ``internals`` mode it drives ``Finetune``
 directly to look inside: which tensors DDP ignores and reduces (through a communication
@@ -44,7 +44,7 @@ from helpers import (
 from safetensors.torch import load_file, save_file
 from tokenizers_for_tests import make_tokenizer
 
-from adaption_fx.cli import main
+from adaption_fx.app.cli import main
 
 PROCESSES = 2
 THIS = Path(__file__).resolve()
@@ -323,8 +323,8 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(internals):
 
 # ----------------------------------------------------------------------------- the worker
 def worker_cli(dump: Path, argv: list[str]) -> int:
-    """``adaption_fx.cli.main(argv)``; then save this rank's adapter into ``dump``."""
-    from adaption_fx.train import Finetune
+    """``adaption_fx.app.cli.main(argv)``; then save this rank's adapter into ``dump``."""
+    from adaption_fx.training.loop import Finetune
 
     real_run = Finetune.run
 
@@ -346,8 +346,8 @@ def checksum(tensors) -> float:
 
 def one_process_gradient(run, micro_batches: list[list[int]]) -> list[list[float]]:
     """The gradient of a step's loss as one process computes it, every micro-batch here."""
-    from adaption_fx.data import collate
-    from adaption_fx.train import active_parameters, batch_loss_sum, example_loss_tokens
+    from adaption_fx.training.data import collate
+    from adaption_fx.training.loop import active_parameters, batch_loss_sum, example_loss_tokens
 
     examples = [[run.train_data[i] for i in mb] for mb in micro_batches]
     tokens = sum(example_loss_tokens(e) for mb in examples for e in mb)
@@ -363,9 +363,14 @@ def worker_internals(root: Path, model_dir: Path, train: Path) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adaption_fx import AdaptionConfig, rewrite
-    from adaption_fx.data import encode_dataset, read_records
-    from adaption_fx.distributed import DataParallel, process_group_from_environment
-    from adaption_fx.train import Finetune, TrainingArguments, active_parameters, read_metrics
+    from adaption_fx.training.data import encode_dataset, read_records
+    from adaption_fx.training.distributed import DataParallel, process_group_from_environment
+    from adaption_fx.training.loop import (
+        Finetune,
+        TrainingArguments,
+        active_parameters,
+        read_metrics,
+    )
 
     with process_group_from_environment() as parallel:
         model = rewrite(AutoModelForCausalLM.from_pretrained(model_dir), None)

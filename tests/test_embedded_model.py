@@ -9,13 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adaption_fx.cli import answer_prompts
+from adaption_fx.app.cli import answer_prompts
+from adaption_fx.app.demo_task import make_splits
+from adaption_fx.app.pretrained import embedded_model_file, load_pretrained
 from adaption_fx.config import AdaptionConfig
-from adaption_fx.data import encode_dataset, parse_record, resolve_pad_token_id
-from adaption_fx.demo_task import make_splits
-from adaption_fx.pretrained import embedded_model_file, load_pretrained
 from adaption_fx.rewrite import rewrite
-from adaption_fx.train import Finetune, TrainingArguments
+from adaption_fx.training.data import encode_dataset, parse_record, resolve_pad_token_id
+from adaption_fx.training.loop import Finetune, TrainingArguments
 
 try:
     embedded_model_file()

@@ -21,7 +21,7 @@ import torch
 from helpers import assert_rel_close, randomize_adapter, tiny_llama, tiny_mistral
 
 from adaption_fx import AdaptionConfig, rewrite
-from adaption_fx.hf_compat import cache_call, cache_tensors, dynamic_cache
+from adaption_fx.capture.hf_compat import cache_call, cache_tensors, dynamic_cache
 
 BUILDERS = {"llama": tiny_llama, "mistral": tiny_mistral}  # MHA (4/4 heads), GQA (8/2 heads)
 CFG = AdaptionConfig(adapter_len=4, adapter_layers=2)

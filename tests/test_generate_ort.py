@@ -28,7 +28,7 @@ from helpers import (
 
 from adaption_fx import AdaptionConfig, generate_text, rewrite
 from adaption_fx.export import OrtModel, to_onnx
-from adaption_fx.generate import TorchSession
+from adaption_fx.generation.loop import TorchSession
 
 CFG = AdaptionConfig(adapter_len=4, adapter_layers=2)
 RTOL = 1e-4

@@ -1,4 +1,4 @@
-"""The eager decode-step fast path (``TorchSession`` over ``_StepProgram``) and its passes.
+"""The eager decode-step fast path (``TorchSession`` over ``StepProgram``) and its passes.
 
 Oracles: the folded decode graph run as captured (its GraphModule, through
 ``CapturedModel.bind``: the path ``TorchSession`` takes with a runner), Hugging Face's own
@@ -21,7 +21,7 @@ from helpers import (
 )
 
 from adaption_fx import AdaptionConfig, rewrite
-from adaption_fx.generate import TorchSession, _StepProgram
+from adaption_fx.generation.loop import StepProgram, TorchSession
 from adaption_fx.passes.cleanup import (
     drop_noop_nodes,
     eliminate_common_subexpressions,
@@ -101,7 +101,7 @@ def test_each_kind_of_step_runs_its_variant(setups):
 def test_decode_variant_drops_what_eager_transformers_skips(setups):
     # Mistral has grouped-query attention (8 query heads, 2 key/value heads).
     decoder = setups("mistral").model.decoder()
-    program = _StepProgram(decoder.inference_graph()[0], decoder.captured, decoder.cache_layout)
+    program = StepProgram(decoder.inference_graph()[0], decoder.captured, decoder.cache_layout)
     graph_nodes = [n for n in decoder.inference_graph()[0].graph.nodes if n.op == "call_function"]
     prologue, step = program.functions("decode")
     ops = step.op_counts
@@ -132,7 +132,7 @@ def test_sliding_window_keeps_its_mask(setups):
     setup = setups("mistral", sliding_window=3)
     model, hf = setup.model, setup.hf
     decoder = model.decoder()
-    program = _StepProgram(decoder.inference_graph()[0], decoder.captured, decoder.cache_layout)
+    program = StepProgram(decoder.inference_graph()[0], decoder.captured, decoder.cache_layout)
     assert program.functions("decode") is program.functions("decode_masked")
     assert program.functions("prefill") is program.functions("masked")
     ids = prompts(2, 6, seed=6)

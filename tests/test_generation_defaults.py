@@ -23,7 +23,8 @@ from helpers import tiny_llama
 
 from adaption_fx import AdaptionConfig, generate_text, rewrite
 from adaption_fx.export import OrtModel, compile, to_onnx
-from adaption_fx.generate import MODEL_DEFAULT, generation_defaults
+from adaption_fx.generation.loop import generation_defaults
+from adaption_fx.generation.options import MODEL_DEFAULT
 
 CFG = AdaptionConfig(adapter_len=4, adapter_layers=2)
 VOCAB = 96
@@ -152,7 +153,7 @@ def test_generation_defaults_reads_generation_config_then_config(hf, monkeypatch
     # Invalid ids (early Llama conversions have pad_token_id=-1) are dropped, not raised
     # later by a generate call that never named them.
     bad = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id="2", pad_token_id=-1))
-    with caplog.at_level(logging.WARNING, logger="adaption_fx.generate"):
+    with caplog.at_level(logging.WARNING, logger="adaption_fx.generation.loop"):
         assert generation_defaults(bad) == (None, None)
     assert "eos_token_id" in caplog.text and "pad_token_id" in caplog.text
     assert repr(MODEL_DEFAULT) == "MODEL_DEFAULT"

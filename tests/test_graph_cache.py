@@ -1,4 +1,4 @@
-"""The persistent graph cache (adaption_fx.graph_cache): a second capture reads the graph
+"""The persistent graph cache (adaption_fx.capture.graph_cache): a second capture reads the graph
 back and binds the model's own weights; stale and corrupt entries are rebuilt, never used;
 the cache can be turned off and follows XDG_CACHE_HOME."""
 
@@ -11,7 +11,7 @@ import torch
 from helpers import padded_batch, randomize_adapter, tiny_llama
 
 from adaption_fx import AdaptionConfig, rewrite
-from adaption_fx.graph_cache import (
+from adaption_fx.capture.graph_cache import (
     ENV_DIRECTORY,
     ENV_SWITCH,
     cache_directory,
@@ -37,11 +37,11 @@ def _stored_key(path):
     import json
     import struct
 
-    from adaption_fx.graph_cache import _MAGIC
+    from adaption_fx.capture.graph_cache import MAGIC
 
     data = path.read_bytes()
-    start = len(_MAGIC) + 8
-    (length,) = struct.unpack("<Q", data[len(_MAGIC) : start])
+    start = len(MAGIC) + 8
+    (length,) = struct.unpack("<Q", data[len(MAGIC) : start])
     return json.loads(data[start : start + length])["key"]
 
 
@@ -54,7 +54,7 @@ def test_second_rewrite_reads_every_capture_from_the_cache(cache_dir, caplog):
     first.decoder()
     assert _entries(cache_dir) == ["causal", "decode", "masked"]
     model = tiny_llama(seed=5)  # same architecture, other weights
-    with caplog.at_level(logging.INFO, logger="adaption_fx.graph_cache"):
+    with caplog.at_level(logging.INFO, logger="adaption_fx.capture.graph_cache"):
         again = rewrite(model, AdaptionConfig(adapter_len=3, adapter_layers=2))
         again.decoder()
     assert len(_logged(caplog, "loaded the")) == 3
@@ -91,13 +91,13 @@ def test_a_corrupt_entry_is_rebuilt_not_used(cache_dir, caplog, damage):
         data = bytearray(b"not a graph at all")
     path.write_bytes(bytes(data))
     model = tiny_llama()
-    with caplog.at_level(logging.WARNING, logger="adaption_fx.graph_cache"):
+    with caplog.at_level(logging.WARNING, logger="adaption_fx.capture.graph_cache"):
         adapted = rewrite(model, None)
     assert _logged(caplog, "is unusable")
     ids, mask = padded_batch()
     assert torch.equal(adapted(input_ids=ids, attention_mask=mask).logits, model(ids, mask).logits)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="adaption_fx.graph_cache"):
+    with caplog.at_level(logging.INFO, logger="adaption_fx.capture.graph_cache"):
         rewrite(model, None)  # the rebuilt entry is whole again
     assert not _logged(caplog, "is unusable") and _logged(caplog, "loaded the masked")
 
@@ -110,7 +110,7 @@ def test_a_stale_entry_is_rebuilt_not_used(cache_dir, caplog):
     other = next(cache_dir.glob("masked-*.graph"))
     own.write_bytes(other.read_bytes())  # another model's graph under this model's name
     model = tiny_llama()
-    with caplog.at_level(logging.WARNING, logger="adaption_fx.graph_cache"):
+    with caplog.at_level(logging.WARNING, logger="adaption_fx.capture.graph_cache"):
         adapted = rewrite(model, None)
     assert _logged(caplog, "stale")
     ids, mask = padded_batch()
@@ -148,7 +148,7 @@ def test_the_key_follows_methods_patched_at_run_time(monkeypatch):
 
 
 def test_a_grown_capture_is_checked_once_per_entry(cache_dir, monkeypatch):
-    import adaption_fx.capture as capture_module
+    import adaption_fx.capture.export_model as capture_module
 
     checks = []
     original = capture_module.eager_outputs
@@ -186,18 +186,18 @@ def test_reading_a_program_back_parses_each_size_once_with_the_same_result(cache
 
     import sympy
 
-    import adaption_fx.graph_cache as graph_cache
+    import adaption_fx.capture.graph_cache as graph_cache
 
     model = tiny_llama()
     rewrite(model, None)
     path = next(cache_dir.glob("masked-*.graph"))
-    blobs, _ = graph_cache._read(path, _stored_key(path))
-    from adaption_fx.repeated import find_repeated_layers, first_layer_only
+    blobs, _ = graph_cache.read_entry_file(path, _stored_key(path))
+    from adaption_fx.capture.repeated import find_repeated_layers, first_layer_only
 
     with first_layer_only(model, find_repeated_layers(model)):
-        fast = graph_cache._deserialize(blobs, model)
-        with mock.patch.object(graph_cache, "_ParseOnce", lambda: sympy):
-            plain = graph_cache._deserialize(blobs, model)
+        fast = graph_cache.deserialize_program(blobs, model)
+        with mock.patch.object(graph_cache, "ParseOnce", lambda: sympy):
+            plain = graph_cache.deserialize_program(blobs, model)
 
     def described(program):
         nodes = [

@@ -8,10 +8,9 @@ import pytest
 import torch
 from helpers import tiny_mistral
 
-from adaption_fx import AdaptionConfig
-from adaption_fx.capture import capture
+from adaption_fx.capture.export_model import capture
 from adaption_fx.passes import ADAPTION_META_KEY, insert_adaption_prompt, locate_attention
-from adaption_fx.passes.insert import adapter_tensor_shapes
+from adaption_fx.passes.insert import AdapterStructure, adapter_tensor_shapes
 
 aten = torch.ops.aten
 
@@ -32,7 +31,7 @@ def _linear_weights(gm) -> collections.Counter:
 
 def test_no_second_query_or_output_projection(base):
     gm, sites = base
-    cfg = AdaptionConfig(adapter_len=3, adapter_layers=2)
+    cfg = AdapterStructure(adapter_len=3)
     rewritten = insert_adaption_prompt(gm, sites[-2:], cfg).graph_module
     before, after = _linear_weights(gm), _linear_weights(rewritten)
     added = after - before
@@ -52,9 +51,7 @@ def test_no_second_query_or_output_projection(base):
 
 def test_adapter_branch_reads_the_attentions_own_query(base):
     gm, sites = base
-    rewritten = insert_adaption_prompt(
-        gm, sites[-1:], AdaptionConfig(adapter_len=2, adapter_layers=1)
-    )
+    rewritten = insert_adaption_prompt(gm, sites[-1:], AdapterStructure(adapter_len=2))
     nodes = {n.name: n for n in rewritten.graph_module.graph.nodes}
     site = sites[-1]
     query, attn = nodes[site.query_node], nodes[site.attention_node]
@@ -74,7 +71,7 @@ def test_adapter_branch_reads_the_attentions_own_query(base):
 
 def test_inputs_are_appended_in_site_order(base):
     gm, sites = base
-    cfg = AdaptionConfig(adapter_len=5, adapter_layers=2, gate="per_head")
+    cfg = AdapterStructure(adapter_len=5, gate="per_head")
     result = insert_adaption_prompt(gm, sites[-2:], cfg)
     placeholders = [n for n in result.graph_module.graph.nodes if n.op == "placeholder"]
     base_count = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
@@ -93,7 +90,7 @@ def test_inputs_are_appended_in_site_order(base):
 def test_input_graph_is_not_modified_and_weights_are_shared(base):
     gm, sites = base
     code, count = gm.code, len(gm.graph.nodes)
-    result = insert_adaption_prompt(gm, sites, AdaptionConfig(adapter_len=2, adapter_layers=4))
+    result = insert_adaption_prompt(gm, sites, AdapterStructure(adapter_len=2))
     assert gm.code == code and len(gm.graph.nodes) == count
     new_params = dict(result.graph_module.named_parameters())
     for name, param in gm.named_parameters():
@@ -107,8 +104,6 @@ def test_input_graph_is_not_modified_and_weights_are_shared(base):
 
 def test_inserting_twice_is_refused(base):
     gm, sites = base
-    once = insert_adaption_prompt(gm, sites[-1:], AdaptionConfig(adapter_len=2, adapter_layers=1))
+    once = insert_adaption_prompt(gm, sites[-1:], AdapterStructure(adapter_len=2))
     with pytest.raises(ValueError, match="already carries adaption-prompt nodes"):
-        insert_adaption_prompt(
-            once.graph_module, sites[-1:], AdaptionConfig(adapter_len=2, adapter_layers=1)
-        )
+        insert_adaption_prompt(once.graph_module, sites[-1:], AdapterStructure(adapter_len=2))

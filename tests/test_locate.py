@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import tiny_llama, tiny_mistral
 
-from adaption_fx.capture import capture
+from adaption_fx.capture.export_model import capture
 from adaption_fx.passes import (
     AttentionNotFoundError,
     UnsupportedGraphError,

@@ -25,7 +25,7 @@ from torch._dynamo.testing import CompileCounter
 
 from adaption_fx import AdaptionConfig, rewrite
 from adaption_fx.export import compile
-from adaption_fx.mixed_batch import BASE_ADAPTER
+from adaption_fx.model.mixed import BASE_ADAPTER
 
 RTOL = 1e-5
 

@@ -12,8 +12,8 @@ import torch
 from helpers import padded_batch, tiny_llama, tiny_mistral
 from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
 
-from adaption_fx.capture import capture
-from adaption_fx.hf_compat import vmap_free_masks
+from adaption_fx.capture.export_model import capture
+from adaption_fx.capture.hf_compat import vmap_free_masks
 from adaption_fx.passes.errors import UnsupportedGraphError
 from adaption_fx.passes.normalize import (
     check_normalized,

@@ -473,7 +473,7 @@ def test_failed_export_before_writing_leaves_nothing(models, tmp_path, monkeypat
     def boom(*args, **kwargs):
         raise RuntimeError("injected export failure")
 
-    monkeypatch.setattr(onnx_export, "_export", boom)
+    monkeypatch.setattr(onnx_export, "onnx_model_of", boom)
     with pytest.raises(RuntimeError, match="injected export failure"):
         to_onnx(model, tmp_path / "model.onnx")
     assert list(tmp_path.iterdir()) == []

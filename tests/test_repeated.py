@@ -1,4 +1,4 @@
-"""Capturing a decoder through one layer and growing the rest (adaption_fx.repeated and
+"""Capturing a decoder through one layer and growing the rest (adaption_fx.capture.repeated and
 passes.replicate): the grown graphs compute what a whole capture computes, bit for bit,
 and a model whose layers are not alike is captured whole."""
 
@@ -11,10 +11,10 @@ import torch
 from helpers import padded_batch, randomize_adapter, tiny_llama, tiny_mistral
 
 from adaption_fx import AdaptionConfig, rewrite
-from adaption_fx.capture import capture
+from adaption_fx.capture.export_model import capture
+from adaption_fx.capture.repeated import ENV_SWITCH, find_repeated_layers, first_layer_only
 from adaption_fx.passes.graph_copy import shares_weights
 from adaption_fx.passes.replicate import ReplicationError, layer_region, replicate_layer
-from adaption_fx.repeated import ENV_SWITCH, find_repeated_layers, first_layer_only
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +38,7 @@ def _grown_layers(caplog) -> bool:
 @pytest.mark.parametrize("build", [tiny_llama, tiny_mistral])
 def test_grown_capture_equals_whole_capture(build, monkeypatch, caplog):
     model = build()
-    with caplog.at_level(logging.INFO, logger="adaption_fx.repeated"):
+    with caplog.at_level(logging.INFO, logger="adaption_fx.capture.repeated"):
         grown = rewrite(model, AdaptionConfig(adapter_len=3, adapter_layers=2))
     assert _grown_layers(caplog)
     whole = _whole(model, monkeypatch, AdaptionConfig(adapter_len=3, adapter_layers=2))
@@ -84,7 +84,7 @@ def test_layers_with_different_settings_are_captured_whole(caplog):
     model = tiny_llama()
     model.model.layers[2].self_attn.scaling = 0.5
     assert find_repeated_layers(model) is None
-    with caplog.at_level(logging.INFO, logger="adaption_fx.repeated"):
+    with caplog.at_level(logging.INFO, logger="adaption_fx.capture.repeated"):
         captured = rewrite(model, None)
     assert "model.layers.2.self_attn.scaling is 0.5" in caplog.text
     assert not _grown_layers(caplog)
@@ -109,7 +109,7 @@ def test_a_layer_whose_code_depends_on_its_index_is_caught_by_the_check(monkeypa
 
     monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", forward)
     model = tiny_llama()
-    with caplog.at_level(logging.INFO, logger="adaption_fx.repeated"):
+    with caplog.at_level(logging.INFO, logger="adaption_fx.capture.repeated"):
         adapted = rewrite(model, None)
     assert "does not match the model" in caplog.text
     ids, mask = padded_batch()
@@ -120,11 +120,11 @@ def test_a_layer_whose_code_depends_on_its_index_is_caught_by_the_check(monkeypa
 
 
 def test_the_model_keeps_its_layers_when_the_one_layer_capture_fails(monkeypatch):
-    import adaption_fx.capture as capture_module
+    import adaption_fx.capture.export_model as capture_module
 
     model = tiny_llama()
     layers = model.model.layers
-    real_export = capture_module._export
+    real_export = capture_module.export_program
     calls = []
 
     def failing_once(*args, **kwargs):
@@ -133,7 +133,7 @@ def test_the_model_keeps_its_layers_when_the_one_layer_capture_fails(monkeypatch
             raise RuntimeError("boom")
         return real_export(*args, **kwargs)
 
-    monkeypatch.setattr(capture_module, "_export", failing_once)
+    monkeypatch.setattr(capture_module, "export_program", failing_once)
     captured = capture(model, cache=False)
     assert calls[:2] == [1, 4]  # one layer, failed; then the whole model
     assert model.model.layers is layers and len(layers) == 4
@@ -166,7 +166,7 @@ def test_replicate_layer_refuses_a_graph_without_the_layer():
 def test_paused_gc_restores_the_collector():
     import gc
 
-    from adaption_fx.gc_pause import paused_gc
+    from adaption_fx.capture.gc_pause import paused_gc
 
     assert gc.isenabled()
     with paused_gc():

@@ -98,7 +98,7 @@ def _measure(rank: int, out_dir: str, checkpointing: bool) -> None:
     from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
     from torch.distributed.tensor import DTensor
 
-    from adaption_fx.sharded import shard_frozen_base
+    from adaption_fx.training.sharded import shard_frozen_base
 
     model = _adapted(checkpointing)
     base_numel = sum(p.numel() for p in model.base_graph_module.parameters())
@@ -214,7 +214,7 @@ def test_sharded_training_is_exact(tmp_path, reference, checkpointing):
 
 
 def test_preconditions_refused_without_process_group():
-    from adaption_fx.sharded import shard_frozen_base
+    from adaption_fx.training.sharded import shard_frozen_base
 
     assert not dist.is_initialized()
     model = _adapted()

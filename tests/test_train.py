@@ -1,4 +1,4 @@
-"""The fine-tuning loop (adaption_fx.train): schedule, data plan, gradient accumulation, the
+"""The fine-tuning loop (adaption_fx.training.loop): schedule, data plan, gradient accumulation, the
 reported loss, checkpoints (PEFT format, resume bit for bit, refusal of another run's
 checkpoint), interruption by SIGINT, and the metrics file and loss plot.
 
@@ -36,9 +36,9 @@ from safetensors.torch import load_file
 from tokenizers_for_tests import make_tokenizer
 
 from adaption_fx import AdaptionConfig, rewrite
-from adaption_fx import train as train_module
-from adaption_fx.data import Example, batch_order, encode_dataset
-from adaption_fx.train import (
+from adaption_fx.training import loop as train_module
+from adaption_fx.training.data import Example, batch_order, encode_dataset
+from adaption_fx.training.loop import (
     ADAPTER_FILES,
     Finetune,
     TrainingArguments,

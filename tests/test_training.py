@@ -103,7 +103,7 @@ def test_autograd_runs_the_adapter_attention_written_out(monkeypatch):
     # it, the fused graph. Same outputs and gradients either way.
     from helpers import randomize_adapter
 
-    import adaption_fx.eager as eager
+    import adaption_fx.model.eager as eager
     from adaption_fx.passes import ADAPTION_META_KEY
 
     model = rewrite(tiny_mistral(), AdaptionConfig(adapter_len=4, adapter_layers=2))
@@ -117,7 +117,7 @@ def test_autograd_runs_the_adapter_attention_written_out(monkeypatch):
         ran.append(chosen)
         return chosen
 
-    monkeypatch.setattr("adaption_fx.model.eager_graph", spy)
+    monkeypatch.setattr("adaption_fx.model.adapted.eager_graph", spy)
 
     def adapter_sdpa(graph_module) -> int:
         sdpa = torch.ops.aten.scaled_dot_product_attention.default
@@ -136,7 +136,9 @@ def test_autograd_runs_the_adapter_attention_written_out(monkeypatch):
     out.loss.backward()
     written_out = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    monkeypatch.setattr("adaption_fx.model.eager_graph", lambda graph_module, _=None: graph_module)
+    monkeypatch.setattr(
+        "adaption_fx.model.adapted.eager_graph", lambda graph_module, _=None: graph_module
+    )
     model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
     fused_grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
     assert written_out.keys() == fused_grads.keys() and written_out

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from helpers import tiny_llama
 
-from adaption_fx import hf_compat
-from adaption_fx.capture import capture
-from adaption_fx.hf_compat import (
+from adaption_fx.capture import hf_compat
+from adaption_fx.capture.export_model import capture
+from adaption_fx.capture.hf_compat import (
     TESTED_RANGES,
     UntestedVersionWarning,
     check_versions,
@@ -69,7 +69,7 @@ def test_is_tested(package, version, tested):
 
 
 def test_untested_release_warns_once_naming_the_range(monkeypatch):
-    monkeypatch.setattr(hf_compat, "_warned", set())
+    monkeypatch.setattr(hf_compat, "warned_versions", set())
     monkeypatch.setattr(
         hf_compat,
         "installed_version",
@@ -83,7 +83,7 @@ def test_untested_release_warns_once_naming_the_range(monkeypatch):
 
 
 def test_capture_of_a_hugging_face_model_checks_the_versions(monkeypatch):
-    monkeypatch.setattr(hf_compat, "_warned", set())
+    monkeypatch.setattr(hf_compat, "warned_versions", set())
     monkeypatch.setattr(hf_compat, "installed_version", lambda p: "9.0.0")
     with pytest.warns(UntestedVersionWarning) as record:
         capture(tiny_llama(num_hidden_layers=1))

@@ -13,7 +13,8 @@ one line and exit with status 2; an interrupted ``finetune`` exits with 130 afte
 a checkpoint.
 
 ``torchrun --nproc_per_node N -m adaption_fx finetune ...`` fine-tunes data parallel (see
-``adaption_fx.distributed``): every process runs the command, rank 0 alone prints and writes.
+``adaption_fx.training.distributed``): every process runs the command, rank 0 alone prints
+and writes.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from adaption_fx.distributed import DataParallel
+    from adaption_fx.training.distributed import DataParallel
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def finetune_defaults() -> dict[str, Any]:
     from dataclasses import fields
 
     from adaption_fx.config import AdaptionConfig
-    from adaption_fx.train import TrainingArguments
+    from adaption_fx.training.loop import TrainingArguments
 
     gate = {f.name: f.default for f in fields(AdaptionConfig) if f.name.startswith("gate")}
     return {**FINETUNE_CLI_DEFAULTS, **gate, **TrainingArguments().to_dict()}
@@ -69,7 +70,7 @@ class UsageError(ValueError):
 def _print(*args: Any, **kwargs: Any) -> None:
     """``print``, on one process only: every process of a torchrun job runs the command,
     and rank 0 speaks for all of them."""
-    from adaption_fx.distributed import is_main_process
+    from adaption_fx.training.distributed import is_main_process
 
     if is_main_process():
         print(*args, **kwargs)
@@ -128,7 +129,7 @@ def _add_model_option(parser: argparse.ArgumentParser, **kwargs: Any) -> None:
 
 
 def _load(model: str | None) -> Any:
-    from adaption_fx.pretrained import load_pretrained
+    from adaption_fx.app.pretrained import load_pretrained
 
     loaded = load_pretrained(model)
     logger.info("model %s loaded in %.1f s", loaded.source, loaded.seconds)
@@ -145,7 +146,7 @@ def _adapted(model: Any, adapter: str | None) -> Any:
 
 
 def _read_examples(path: str, what: str) -> list[Any]:
-    from adaption_fx.data import read_records
+    from adaption_fx.training.data import read_records
 
     if not Path(path).is_file():
         raise UsageError(f"{what} {path!r} is not a file")
@@ -153,7 +154,7 @@ def _read_examples(path: str, what: str) -> list[Any]:
 
 
 def _encode(examples: list[Any], tokenizer: Any, max_length: int, label: str) -> Any:
-    from adaption_fx.data import encode_dataset
+    from adaption_fx.training.data import encode_dataset
 
     encoded = encode_dataset(examples, tokenizer, max_length)
     _print(
@@ -232,7 +233,7 @@ def _finetune_parser(sub: Any) -> None:
 
 def _finetune_options(given: dict[str, Any], out: Path, resume: bool) -> dict[str, Any]:
     """The run's options: built-in defaults, then (resuming) the run's own, then ``given``."""
-    from adaption_fx.train import RUN_FILE
+    from adaption_fx.training.loop import RUN_FILE
 
     options = finetune_defaults()
     known = {*options, "data"}
@@ -251,7 +252,7 @@ def _finetune_options(given: dict[str, Any], out: Path, resume: bool) -> dict[st
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from adaption_fx.distributed import process_group_from_environment
+    from adaption_fx.training.distributed import process_group_from_environment
 
     # Under torchrun: join the process group (a plain run: nothing happens).
     with process_group_from_environment() as parallel:
@@ -262,9 +263,9 @@ def _finetune(args: argparse.Namespace, parallel: DataParallel) -> int:
     import torch
 
     from adaption_fx.config import AdaptionConfig
-    from adaption_fx.data import resolve_pad_token_id, split_validation
     from adaption_fx.rewrite import rewrite
-    from adaption_fx.train import (
+    from adaption_fx.training.data import resolve_pad_token_id, split_validation
+    from adaption_fx.training.loop import (
         Finetune,
         TrainingArguments,
         check_output,
@@ -392,8 +393,8 @@ def answer_prompts(
     model: Any, tokenizer: Any, prompts: Sequence[str], **generate_kwargs: Any
 ) -> list[str]:
     """Each user prompt put through the chat template (or the Alpaca one) and answered."""
-    from adaption_fx.data import prompt_text
-    from adaption_fx.text import generate_text
+    from adaption_fx.generation.text import generate_text
+    from adaption_fx.training.data import prompt_text
 
     texts = [prompt_text(tokenizer, p) for p in prompts]
     return list(generate_text(model, tokenizer, texts, **generate_kwargs))
@@ -507,9 +508,9 @@ def task_exact_match(
 ) -> tuple[float, list[str]] | None:
     """The demo task's exact-match rate over ``examples`` (None when they are not that
     task's), with the generated answers."""
-    from adaption_fx.data import example_prompt
-    from adaption_fx.demo_task import is_task_example, score
-    from adaption_fx.text import generate_in_batches
+    from adaption_fx.app.demo_task import is_task_example, score
+    from adaption_fx.generation.text import generate_in_batches
+    from adaption_fx.training.data import example_prompt
 
     if not examples or not all(
         e.alpaca is not None and is_task_example(e.alpaca.instruction, e.alpaca.output)
@@ -524,8 +525,8 @@ def task_exact_match(
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from adaption_fx.data import resolve_pad_token_id
-    from adaption_fx.train import evaluate_loss
+    from adaption_fx.training.data import resolve_pad_token_id
+    from adaption_fx.training.loop import evaluate_loss
 
     examples = _read_examples(args.data, "--data")
     loaded = _load(args.model)
@@ -558,7 +559,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------- demo
 def _demo_parser(sub: Any) -> None:
-    from adaption_fx.demo import add_arguments, run_from_args
+    from adaption_fx.app.demo import add_arguments, run_from_args
 
     p = sub.add_parser(
         "demo",
@@ -590,8 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     from adaption_fx.checkpoint import CheckpointError
-    from adaption_fx.data import DataError
-    from adaption_fx.train import TrainingError
+    from adaption_fx.training.data import DataError
+    from adaption_fx.training.loop import TrainingError
 
     parser = build_parser()
     args = parser.parse_args(argv)

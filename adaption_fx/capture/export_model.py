@@ -4,203 +4,27 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx
-import torch.utils._pytree as pytree
 
-from adaption_fx.graph_cache import CacheEntry, cache_enabled, cache_entry, cached_export
-from adaption_fx.hf_compat import (
+from adaption_fx.capture.captured import CapturedModel, CaptureError
+from adaption_fx.capture.graph_cache import cache_enabled, cache_entry, cached_export
+from adaption_fx.capture.hf_compat import (
     causal_attention_without_mask,
     check_versions,
     vmap_free_masks,
     without_cache,
 )
+from adaption_fx.capture.repeated import capture_once_per_layer, same_outputs
 from adaption_fx.passes.errors import UnsupportedGraphError
 from adaption_fx.passes.graph_copy import copy_flat_graph, graph_module_sharing
 from adaption_fx.passes.locate import check_aten_graph
 from adaption_fx.passes.normalize import normalize_export_graph
 from adaption_fx.passes.patterns import SDPA_TARGETS, SOFTMAX_TARGETS
-from adaption_fx.repeated import capture_once_per_layer, same_outputs
 
 logger = logging.getLogger(__name__)
-
-
-class CaptureError(RuntimeError):
-    """torch.export could not capture the model."""
-
-
-@dataclass
-class CapturedModel:
-    """A model as one flat ATen graph plus what is needed to call it like the original.
-
-    Attributes:
-        graph_module: the base graph; takes the flat inputs positionally. Its weights are
-            the source's own tensor objects.
-        in_spec / out_spec: pytree specs of (args, kwargs) and of the output; None for a
-            graph captured without them (the flat inputs and outputs are used as they are).
-        defaults: keyword inputs captured as constants (e.g. ``use_cache=False``), filled in
-            when the caller leaves them out.
-        fill_attention_mask: the model is a Hugging Face causal LM, so a missing
-            ``attention_mask`` means "attend to every token".
-        loss_function: the source's Hugging Face loss (``labels=`` support), if any.
-        source_name: class name of what was captured, for messages.
-        causal: for Hugging Face causal LMs, a second capture of the same model without
-            ``attention_mask``, whose attention calls SDPA with ``is_causal=True`` and no mask
-            tensor (see :func:`capture_causal`). Used when every token is attended to, where
-            it computes the same function without building and reading a mask.
-        cache: whether captures made later for this model (the decode step) may use the
-            persistent graph cache.
-        cache_entry: the graph-cache entry (:class:`adaption_fx.graph_cache.CacheEntry`)
-            this capture was read from or stored in; None when the cache was not used.
-    """
-
-    graph_module: torch.fx.GraphModule
-    in_spec: pytree.TreeSpec | None
-    out_spec: pytree.TreeSpec | None
-    defaults: dict[str, Any] = field(default_factory=dict)
-    fill_attention_mask: bool = False
-    loss_function: Any = None
-    source_name: str = "model"
-    examples: dict[str, torch.Tensor] = field(default_factory=dict)
-    task_type: str | None = None
-    name_or_path: str | None = None
-    reference_weight: torch.Tensor | None = None
-    placement: tuple[torch.device, torch.dtype] | None = None
-    causal: CapturedModel | None = None
-    validate: Callable[[dict[str, Any]], None] | None = None
-    cache: bool = False
-    cache_entry: CacheEntry | None = None
-
-    def check_placement(self) -> None:
-        """Raise if the weights moved or were cast since capture.
-
-        torch.export specialises the graph to the dtype and device it saw (it asserts them
-        inside the graph), so a model cast after capture would otherwise fail deep in torch.
-        """
-        ref = self.reference_weight
-        if ref is None or (ref.device, ref.dtype) == self.placement:
-            return
-        device, dtype = self.placement
-        raise RuntimeError(
-            f"{self.source_name} was captured with {dtype} weights on {device}, but they are "
-            f"now {ref.dtype} on {ref.device}; the captured graph is specialised to its dtype "
-            "and device: move or cast the source model first, then call rewrite()"
-        )
-
-    @property
-    def positional_count(self) -> int:
-        if self.in_spec is None:
-            return 0
-        return self.in_spec.child(0).num_children
-
-    @property
-    def keyword_names(self) -> list[str]:
-        if self.in_spec is None:
-            return []
-        return list(self.in_spec.child(1).context)
-
-    def bind(self, args: tuple, kwargs: dict[str, Any]) -> list[Any]:
-        """Flatten a call's arguments into the graph's flat inputs, checking them first."""
-        if self.in_spec is None:
-            if kwargs:
-                raise TypeError(
-                    f"this graph takes positional inputs only, got keywords {sorted(kwargs)}"
-                )
-            return list(args)
-        return self.flatten(*self.bind_named(args, kwargs))
-
-    def bind_named(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        """Check a call's arguments; return the positional inputs and the named ones."""
-        n_pos = self.positional_count
-        names = self.keyword_names
-        pos = list(args[:n_pos])
-        extra = list(args[n_pos:])
-        if len(extra) > len(names):
-            raise TypeError(
-                f"{self.source_name} was captured with {n_pos + len(names)} inputs "
-                f"({', '.join(names)}); got {len(args)} positional arguments"
-            )
-        given = dict(zip(names, extra, strict=False))
-        dup = sorted(set(given) & set(kwargs))
-        if dup:
-            raise TypeError(f"got multiple values for {dup}")
-        given.update(kwargs)
-        unknown = sorted(set(given) - set(names))
-        if unknown:
-            raise TypeError(
-                f"{self.source_name} was captured with inputs {names}; unexpected {unknown}"
-            )
-        if (
-            self.fill_attention_mask
-            and "attention_mask" in names
-            and given.get("attention_mask") is None
-            and isinstance(given.get("input_ids"), torch.Tensor)
-        ):
-            given["attention_mask"] = torch.ones_like(given["input_ids"])
-        for name, value in self.defaults.items():
-            if name not in given:
-                given[name] = value
-            elif given[name] != value:
-                raise ValueError(
-                    f"{name}={given[name]!r} differs from the captured constant {value!r}; "
-                    "the graph was captured with that value"
-                )
-        missing = [n for n in names if n not in given]
-        if missing:
-            raise TypeError(f"missing inputs {missing} (captured with {names})")
-        for name in names:
-            self._check_tensor(name, given[name])
-        named = {n: given[n] for n in names}
-        if self.validate is not None:
-            self.validate(named)
-        return tuple(pos), named
-
-    def flatten(self, pos: tuple, named: dict[str, Any]) -> list[Any]:
-        """The flat graph inputs for checked arguments (see :meth:`bind_named`)."""
-        flat, spec = pytree.tree_flatten((tuple(pos), {n: named[n] for n in self.keyword_names}))
-        if spec != self.in_spec:
-            raise TypeError(
-                f"inputs do not match the captured structure:\n  captured {self.in_spec}\n  "
-                f"got      {spec}"
-            )
-        return flat
-
-    def causal_inputs(self, pos: tuple, named: dict[str, Any]) -> list[Any] | None:
-        """Flat inputs of the :attr:`causal` graph for these arguments, or None when it does
-        not compute the same function for them (a padded ``attention_mask``)."""
-        causal = self.causal
-        if causal is None:
-            return None
-        mask, ids = named.get("attention_mask"), named.get("input_ids")
-        if not (isinstance(mask, torch.Tensor) and isinstance(ids, torch.Tensor)):
-            return None
-        if mask.shape != ids.shape or ids.shape[-1] < 1 or not bool(mask.all()):
-            return None
-        rest = {k: v for k, v in named.items() if k != "attention_mask"}
-        return causal.flatten(pos, rest)
-
-    def _check_tensor(self, name: str, value: Any) -> None:
-        example = self.examples.get(name)
-        if example is None:
-            return
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if value.dim() != example.dim():
-            raise ValueError(
-                f"{name} must be {example.dim()}-d like the capture example, got shape "
-                f"{tuple(value.shape)}"
-            )
-        if value.dtype.is_floating_point != example.dtype.is_floating_point:
-            raise TypeError(f"{name} must have a dtype like {example.dtype}, got {value.dtype}")
-
-    def unflatten(self, outputs: Any) -> Any:
-        if self.out_spec is None:
-            return outputs
-        return pytree.tree_unflatten(list(outputs), self.out_spec)
 
 
 def _is_hf_causal_lm(model: torch.nn.Module) -> bool:
@@ -214,7 +38,7 @@ def _is_hf_causal_lm(model: torch.nn.Module) -> bool:
     return "input_ids" in params and "attention_mask" in params
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
+def device_of(model: torch.nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
     for tensor in model.buffers():
@@ -224,7 +48,7 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 def _hf_example(model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
     # Two rows of eight tokens: sizes above 1 keep batch and sequence symbolic in export.
-    device = _device_of(model)
+    device = device_of(model)
     ids = torch.ones(2, 8, dtype=torch.long, device=device)
     kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
@@ -245,7 +69,7 @@ def _auto_dynamic(value: Any) -> Any:
     return None
 
 
-def _export(
+def export_program(
     model: torch.nn.Module,
     args: tuple,
     kwargs: dict,
@@ -255,10 +79,10 @@ def _export(
     cache: bool = False,
 ) -> Any:
     """torch.export of ``model`` in eval mode; read from and written to the graph cache
-    (see :mod:`adaption_fx.graph_cache`) under the name ``what`` when ``cache`` is on."""
+    (see :mod:`adaption_fx.capture.graph_cache`) under the name ``what`` when ``cache`` is on."""
     if what is not None and cache_enabled(cache):
         return cached_export(
-            model, args, kwargs, dynamic, what, lambda: _export(model, args, kwargs, dynamic)
+            model, args, kwargs, dynamic, what, lambda: export_program(model, args, kwargs, dynamic)
         )
     was_training = model.training
     model.eval()  # the frozen base runs deterministically (no dropout) in the captured graph
@@ -283,13 +107,13 @@ def capture(model: Any, example_inputs: Any = None, *, cache: bool = True) -> Ca
     attention_mask examples are built, and use_cache is fixed to False.
 
     ``cache``: read Hugging Face causal LMs' captures from, and write them to, the
-    persistent graph cache (see :mod:`adaption_fx.graph_cache`).
+    persistent graph cache (see :mod:`adaption_fx.capture.graph_cache`).
     """
     cache_enabled(cache)  # checks its type
     if isinstance(model, torch.export.ExportedProgram):
-        return _from_graph_module(model.module(), type(model).__name__)
+        return captured_from_graph_module(model.module(), type(model).__name__)
     if isinstance(model, torch.fx.GraphModule):
-        return _from_graph_module(model, type(model).__name__)
+        return captured_from_graph_module(model, type(model).__name__)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(
             "model must be an nn.Module, a torch.fx.GraphModule or a "
@@ -316,8 +140,8 @@ def capture(model: Any, example_inputs: Any = None, *, cache: bool = True) -> Ca
         feed = check_feed(kwargs, masked=True)
         captured = _capture_hf(model, kwargs, dynamic_spec, feed, "masked", cache)
     else:
-        ep = _export(model, args, kwargs, dynamic_spec)
-        captured = _from_graph_module(ep.module(), type(model).__name__)
+        ep = export_program(model, args, kwargs, dynamic_spec)
+        captured = captured_from_graph_module(ep.module(), type(model).__name__)
     if hf:
         captured.loss_function = getattr(model, "loss_function", None)
         captured.task_type = "CAUSAL_LM"
@@ -329,7 +153,7 @@ def capture(model: Any, example_inputs: Any = None, *, cache: bool = True) -> Ca
 
 
 def check_feed(example: dict[str, Any], masked: bool) -> dict[str, Any]:
-    """Inputs to check a grown capture on (see :mod:`adaption_fx.repeated`): two rows of
+    """Inputs to check a grown capture on (see :mod:`adaption_fx.capture.repeated`): two rows of
     varied tokens, the second left-padded by two where the capture takes a mask."""
     ids = example["input_ids"]
     tokens = (torch.arange(ids.numel(), device=ids.device).reshape(ids.shape) * 7) % 5 % 2
@@ -367,12 +191,12 @@ def _capture_hf(
     cache: bool,
 ) -> CapturedModel:
     """Capture a Hugging Face model through one of its alike layers where possible (see
-    :mod:`adaption_fx.repeated`), else whole."""
+    :mod:`adaption_fx.capture.repeated`), else whole."""
     name = type(model).__name__
 
     def capture_one(_layers: Any = None) -> CapturedModel:
-        program = _export(model, (), kwargs, dynamic, what=what, cache=cache)
-        captured = _from_graph_module(program.module(), name)
+        program = export_program(model, (), kwargs, dynamic, what=what, cache=cache)
+        captured = captured_from_graph_module(program.module(), name)
         captured.cache_entry = cache_entry(program)
         return captured
 
@@ -462,7 +286,7 @@ def _split_example(example_inputs: Any) -> tuple[tuple, dict[str, Any]]:
     )
 
 
-def _from_graph_module(gm: torch.fx.GraphModule, source_name: str) -> CapturedModel:
+def captured_from_graph_module(gm: torch.fx.GraphModule, source_name: str) -> CapturedModel:
     check_aten_graph(gm)
     codegen = gm.graph._codegen
     info = getattr(codegen, "pytree_info", None)

@@ -28,7 +28,7 @@ import transformers
 
 from adaption_fx import checkpoint as ckpt
 from adaption_fx.config import AdaptionConfig
-from adaption_fx.model import AdaptedModel
+from adaption_fx.model.adapted import AdaptedModel
 
 logger = logging.getLogger(__name__)
 

@@ -26,18 +26,16 @@ import operator
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
+from adaption_fx.capture.captured import CapturedModel
 from adaption_fx.passes.graph_copy import copy_flat_graph, graph_module_sharing, owner_at
 from adaption_fx.passes.locate import within
 from adaption_fx.passes.replicate import replicate_layer
-
-if TYPE_CHECKING:
-    from adaption_fx.capture import CapturedModel
 
 logger = logging.getLogger(__name__)
 

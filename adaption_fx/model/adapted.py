@@ -13,20 +13,15 @@ import torch
 import torch.fx
 
 from adaption_fx import checkpoint as ckpt
-from adaption_fx.capture import CapturedModel
+from adaption_fx.capture.export_model import CapturedModel
+from adaption_fx.capture.gc_pause import paused_gc
 from adaption_fx.config import AdaptionConfig
-from adaption_fx.eager import GradientCheckpointing, eager_graph
-from adaption_fx.gc_pause import paused_gc
-from adaption_fx.generate import (
-    MODEL_DEFAULT,
-    EosTokenIds,
-    ModelDefault,
-    TorchSession,
-    generation_defaults,
-)
-from adaption_fx.generate import generate as generate_tokens
-from adaption_fx.hf_model_api import HuggingFaceModelAPI, signed_forward, with_causal_lm_loss
-from adaption_fx.mixed_batch import (
+from adaption_fx.generation.loop import TorchSession, generation_defaults
+from adaption_fx.generation.loop import generate as generate_tokens
+from adaption_fx.generation.options import MODEL_DEFAULT, EosTokenIds, ModelDefault
+from adaption_fx.model.eager import GradientCheckpointing, eager_graph
+from adaption_fx.model.hf_api import HuggingFaceModelAPI, signed_forward, with_causal_lm_loss
+from adaption_fx.model.mixed import (
     BASE_ADAPTER,
     AdapterTable,
     TableEntry,
@@ -156,7 +151,7 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
     adapter_len, adapted layers and gate variant run the same rewritten graph with
     different tensors bound to its adapter inputs. ``adapter_names=[...]`` in
     :meth:`forward` and :meth:`generate` gives each batch row its own adapter (see
-    :mod:`adaption_fx.mixed_batch`).
+    :mod:`adaption_fx.model.mixed`).
     """
 
     def __init__(self, captured: CapturedModel, sites: list[AttentionSite]):
@@ -261,7 +256,7 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         weight = self.base_graph_module.get_parameter(selected[0].key_projection.weight)
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         weights = AdapterWeights(
-            adapter_tensor_shapes(selected, config), dtype, weight.device, generator
+            adapter_tensor_shapes(selected, config.structure), dtype, weight.device, generator
         )
         return config, key, graphs, weights
 
@@ -274,13 +269,13 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         key = structure_key(config, selected)
         graph = self._graphs.get(key)
         if graph is None:
-            graph = insert_adaption_prompt(self.base_graph_module, selected, config)
+            graph = insert_adaption_prompt(self.base_graph_module, selected, config.structure)
             logger.info("built rewritten graph for %s (%d sites)", key, len(selected))
         causal = self._causal_graphs.get(key)
         if causal is None and self._causal_sites is not None:
             causal_selected = select_top_sites(self._causal_sites, config.adapter_layers)
             causal = insert_adaption_prompt(
-                self._captured.causal.graph_module, causal_selected, config
+                self._captured.causal.graph_module, causal_selected, config.structure
             )
         return selected, key, _Graphs(graph, causal)
 
@@ -404,7 +399,7 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         model's own loss function (outside the graph); ``num_items_in_batch`` goes to it as
         in Hugging Face models (the loss is then the sum over ``num_items_in_batch``).
         ``inspect.signature(model.forward)`` lists this model's own inputs (see
-        :func:`adaption_fx.hf_model_api.forward_signature`).
+        :func:`adaption_fx.model.hf_api.forward_signature`).
         """
         if labels is not None:
             kwargs["labels"] = labels
@@ -425,7 +420,7 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         the source model (so :meth:`generate` is no longer available), the decode-step
         twin, the mask-free causal capture and its graphs (forward always runs the masked
         capture), the folded inference graphs and the capture's reference weight. For
-        sharding the base (``adaption_fx.sharded``), where no full copy may stay alive."""
+        sharding the base (``adaption_fx.training.sharded``), where no full copy may stay alive."""
         object.__setattr__(self, "_source", None)
         object.__setattr__(self, "_decoder", None)
         self._captured.reference_weight = None
@@ -641,7 +636,7 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         """The decode-step twin of this model, in sync with its adapters.
 
         On first use the source model's decode step is captured (see
-        :mod:`adaption_fx.decode`) and the adaption pass applied to it. The twin shares
+        :mod:`adaption_fx.capture.decode`) and the adaption pass applied to it. The twin shares
         this model's base weights and adapter tensors (the same objects) and, on every
         call, follows its adapters, active adapter and enable/disable state. Its inputs
         are ``input_ids``, ``attention_mask``, ``position_ids`` and ``past_<i>_key`` /
@@ -653,7 +648,7 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
                 model's ``max_position_embeddings``, else 2048). A different value than the
                 current twin's recaptures.
         """
-        from adaption_fx.decode import capture_decode
+        from adaption_fx.capture.decode import capture_decode
 
         decoder = self._decoder
         if decoder is None or (max_length is not None and max_length != decoder.max_length):
@@ -758,7 +753,8 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
     @property
     def default_token_ids(self) -> tuple[EosTokenIds, int | None]:
         """The ``(eos_token_id, pad_token_id)`` that :meth:`generate` uses when a call
-        leaves them out: the source model's (see ``adaption_fx.generate.generation_defaults``),
+        leaves them out: the source model's (see
+        ``adaption_fx.generation.loop.generation_defaults``),
         read on every call so that changes to its ``generation_config`` apply; (None, None)
         without a source model."""
         return generation_defaults(self._source)

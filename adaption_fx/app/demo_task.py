@@ -8,7 +8,7 @@ other layout; an adapter has to learn the format and to copy the right two words
 sentence. The held-out split uses names, cities and sentence shapes that never occur in
 training, so a high held-out score means the adapter learnt the rule, not the examples.
 
-The data is generated from a fixed seed (``python -m adaption_fx.demo_task --out DIR``);
+The data is generated from a fixed seed (``python -m adaption_fx.app.demo_task --out DIR``);
 nothing is copied from an existing dataset. The metric is exact match of the answer line.
 """
 
@@ -142,7 +142,7 @@ def score(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m adaption_fx.demo_task", description=__doc__.splitlines()[0]
+        prog="python -m adaption_fx.app.demo_task", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--out", required=True, help="directory for train.jsonl, held_out.jsonl")
     parser.add_argument("--train-size", type=int, default=600)

@@ -1,7 +1,7 @@
 """The main job on the embedded default: fine-tune SmolLM2-135M-Instruct on a small task.
 
 ``adaption-fx demo`` (``./dev.sh demo``) generates the name/city extraction task of
-:mod:`adaption_fx.demo_task` from a fixed seed, shows the base model's answers to a few
+:mod:`adaption_fx.app.demo_task` from a fixed seed, shows the base model's answers to a few
 held-out prompts and its exact-match rate on the whole held-out split, fine-tunes an
 adapter with the same loop as ``adaption-fx finetune``, shows the adapted answers and
 rate, exports the decode step to ONNX and answers the same prompts in ONNX Runtime.
@@ -18,18 +18,18 @@ from pathlib import Path
 
 import torch
 
+from adaption_fx.app.demo_task import make_splits, score, write_splits
+from adaption_fx.app.pretrained import load_pretrained
 from adaption_fx.config import AdaptionConfig
-from adaption_fx.data import (
+from adaption_fx.generation.text import generate_in_batches
+from adaption_fx.rewrite import rewrite
+from adaption_fx.training.data import (
     encode_dataset,
     example_prompt,
     parse_record,
     resolve_pad_token_id,
 )
-from adaption_fx.demo_task import make_splits, score, write_splits
-from adaption_fx.pretrained import load_pretrained
-from adaption_fx.rewrite import rewrite
-from adaption_fx.text import generate_in_batches
-from adaption_fx.train import Finetune, TrainingArguments, check_output, clear_output
+from adaption_fx.training.loop import Finetune, TrainingArguments, check_output, clear_output
 
 logger = logging.getLogger(__name__)
 

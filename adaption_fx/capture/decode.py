@@ -24,18 +24,17 @@ from dataclasses import dataclass
 import torch
 import torch.utils._pytree as pytree
 
-from adaption_fx.capture import (
-    CapturedModel,
-    CaptureError,
-    _device_of,
-    _export,
-    _from_graph_module,
+from adaption_fx.capture.captured import CapturedModel, CaptureError
+from adaption_fx.capture.export_model import (
+    captured_from_graph_module,
+    device_of,
     eager_outputs,
+    export_program,
     graph_outputs,
 )
-from adaption_fx.graph_cache import cache_entry
-from adaption_fx.hf_compat import CacheCall, cache_call, cache_tensors, dynamic_cache
-from adaption_fx.repeated import RepeatedLayers, capture_once_per_layer, same_outputs
+from adaption_fx.capture.graph_cache import cache_entry
+from adaption_fx.capture.hf_compat import CacheCall, cache_call, cache_tensors, dynamic_cache
+from adaption_fx.capture.repeated import RepeatedLayers, capture_once_per_layer, same_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +115,7 @@ def _cache_pairs(cache: object, owner: str) -> list[tuple[torch.Tensor, torch.Te
 def cache_layout(model: torch.nn.Module, call: CacheCall | None = None) -> CacheLayout:
     """Run the model once on two tokens and read the cache it returns."""
     call = call or cache_call(model)
-    ids = torch.ones(1, 2, dtype=torch.long, device=_device_of(model))
+    ids = torch.ones(1, 2, dtype=torch.long, device=device_of(model))
     was_training = model.training
     model.eval()
     try:
@@ -206,7 +205,7 @@ def capture_decode(
 
     Args:
         model: a Hugging Face causal LM whose forward takes a key/value cache (as
-            ``cache`` or ``past_key_values``: :func:`adaption_fx.hf_compat.cache_call`).
+            ``cache`` or ``past_key_values``: :func:`adaption_fx.capture.hf_compat.cache_call`).
         max_length: the longest past + new length the graph must take.
         cache: read the capture from, and write it to, the persistent graph cache.
 
@@ -218,7 +217,7 @@ def capture_decode(
         raise ValueError(f"max_length must be an int >= 4, got {max_length!r}")
     call = cache_call(model, "generation (a key/value cache decode step)")
     layout = cache_layout(model, call)
-    device = _device_of(model)
+    device = device_of(model)
     # Sizes above 1 and all different, so export keeps each dimension symbolic.
     batch, new, past = 2, 3, 5
     g = torch.Generator().manual_seed(0)
@@ -248,11 +247,13 @@ def capture_decode(
         step_kwargs = {k: v for k, v in kwargs.items() if k in _STEP_INPUTS or k in names}
         step_dynamic = {k: v for k, v in dynamic.items() if k in step_kwargs}
         with _decode_forward(model, step_layout, call):
-            program = _export(model, (), step_kwargs, step_dynamic, what="decode", cache=cache)
+            program = export_program(
+                model, (), step_kwargs, step_dynamic, what="decode", cache=cache
+            )
             graph_module = program.module()
         _drop_export_guards(graph_module)
         _skip_empty_concatenations(graph_module)
-        captured = _from_graph_module(graph_module, name)
+        captured = captured_from_graph_module(graph_module, name)
         captured.cache_entry = cache_entry(program)
         return captured
 

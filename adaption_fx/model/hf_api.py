@@ -24,7 +24,7 @@ import torch
 from adaption_fx import checkpoint as ckpt
 
 if TYPE_CHECKING:
-    from adaption_fx.capture import CapturedModel
+    from adaption_fx.capture.export_model import CapturedModel
 
 logger = logging.getLogger(__name__)
 
