@@ -3,6 +3,7 @@
 #   ./dev.sh demo [args]   the main job on the embedded default model (adaption-fx demo):
 #                          fine-tune SmolLM2-135M-Instruct on a generated task, about 5 min
 #   ./dev.sh test [args]   the test suite (python -m pytest -x -q)
+#   ./dev.sh docs [serve]  the docs site: mkdocs build --strict into site/ (serve: preview)
 #   ./dev.sh test-matrix [--strict] [--torch VERSION]... [TRANSFORMERS_VERSION | latest]...
 #                        [-- pytest args]
 #                          the suite against each torch x transformers pair, each in its own
@@ -226,10 +227,20 @@ case "$cmd" in
     test-matrix)
         test_matrix "$@"
         ;;
+    docs)
+        # The test environment has the docs tools (the strict build is one of the tests).
+        setup test
+        export NO_MKDOCS_2_WARNING=1
+        if [[ "${1:-}" == "serve" ]]; then
+            shift
+            exec "$VENV/bin/python" -m mkdocs serve "$@"
+        fi
+        exec "$VENV/bin/python" -m mkdocs build --strict "$@"
+        ;;
     *)
         echo "usage: ./dev.sh demo [args] | ./dev.sh test [pytest args] |" \
             "./dev.sh test-matrix [--strict] [--torch VERSION]... [VERSIONS... | latest]" \
-            "[-- pytest args]" >&2
+            "[-- pytest args] | ./dev.sh docs [serve]" >&2
         exit 2
         ;;
 esac

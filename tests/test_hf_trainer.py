@@ -48,7 +48,8 @@ from adaption_fx import AdapterTrainer  # noqa: E402
 CONFIG = AdaptionConfig(adapter_len=3, adapter_layers=2)
 LR = 0.05
 VOCAB = 96
-README = Path(__file__).resolve().parents[1] / "README.md"
+# The Trainer guide's example (docs/guides/training-at-scale.md) is this one.
+TRAINER_GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guides" / "training-at-scale.md"
 
 _names = itertools.count()
 
@@ -520,7 +521,7 @@ def test_what_an_adapted_model_cannot_do_is_refused_clearly(model, source, tmp_p
         plain(x, labels=x)
 
 
-# ----------------------------------------------------------------------------- README
+# ----------------------------------------------------------------------------- the guide
 
 README_EXAMPLE = """\
 import torch
@@ -544,8 +545,8 @@ tuned = rewrite(base, "run/final")        # or peft.PeftModel.from_pretrained(ba
 
 
 def test_readme_trainer_example_runs(tmp_path, monkeypatch):
-    """The README's Trainer example is this one, and it runs."""
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    """The Trainer guide's example is this one, and it runs."""
+    blocks = re.findall(r"```python\n(.*?)```", TRAINER_GUIDE.read_text(), re.S)
     in_readme = [b for b in blocks if "AdapterTrainer(" in b]
     assert in_readme == [README_EXAMPLE]
     monkeypatch.chdir(tmp_path)

@@ -93,9 +93,11 @@ def test_capture_of_a_hugging_face_model_checks_the_versions(monkeypatch):
     }
 
 
-def test_readme_states_the_tested_ranges():
-    text = (ROOT / "README.md").read_text()
-    section = text.split("\n## Supported versions\n", 1)[1].split("\n## ", 1)[0]
+@pytest.mark.parametrize("page", ["README.md", "docs/guides/supported-versions.md"])
+def test_readme_states_the_tested_ranges(page):
+    text = (ROOT / page).read_text()
+    section = re.split(r"^#{1,2} Supported versions\n", text, maxsplit=1, flags=re.M)[1]
+    section = section.split("\n## ", 1)[0]
     # The first table: transformers | PEFT | torch | how it is tested.
     table = section.strip().split("\n\n", 1)[0].splitlines()
     assert table[0].startswith("| transformers | PEFT"), table[0]
