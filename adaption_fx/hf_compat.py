@@ -1,14 +1,5 @@
 """Moved to :mod:`adaption_fx.capture.hf_compat`; this alias is removed in adaption-fx 0.2."""
 
-import importlib
-import sys
-import warnings
+from adaption_fx.moved import alias_moved_module
 
-warnings.warn(
-    "adaption_fx.hf_compat moved to adaption_fx.capture.hf_compat; "
-    "the old path is removed in adaption-fx 0.2",
-    DeprecationWarning,
-    stacklevel=2,
-)
-# The old name is the moved module itself, so attributes read and set through it are its own.
-sys.modules[__name__] = importlib.import_module("adaption_fx.capture.hf_compat")
+alias_moved_module(__name__, "adaption_fx.capture.hf_compat")
