@@ -24,6 +24,7 @@ import torch.utils._pytree as pytree
 from adaption_fx.capture.captured import CapturedModel
 from adaption_fx.capture.decode import CacheLayout
 from adaption_fx.capture.gc_pause import paused_gc
+from adaption_fx.checks import check_int
 from adaption_fx.generation.options import MODEL_DEFAULT, EosTokenIds, ModelDefault
 from adaption_fx.passes.cleanup import (
     drop_noop_nodes,
@@ -362,14 +363,6 @@ class TorchSession:
         return out["logits"][:, -1, :]
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def _token_ids(name: str, value: Any) -> list[int]:
     if value is None:
         return []
@@ -476,14 +469,14 @@ def check_sampling(do_sample: Any, temperature: Any, top_k: Any, top_p: Any, see
     if do_sample and not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if top_k is not None:
-        _check_int("top_k", top_k, 1)
+        check_int("top_k", top_k, 1)
     if top_p is not None:
         if isinstance(top_p, bool) or not isinstance(top_p, (int, float)):
             raise TypeError(f"top_p must be a number, got {top_p!r}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if seed is not None:
-        _check_int("seed", seed, 0)
+        check_int("seed", seed, 0)
 
 
 @torch.no_grad()
@@ -514,13 +507,13 @@ def generate(
         eos_token_id = defaults[0]
     if pad_token_id is MODEL_DEFAULT:
         pad_token_id = defaults[1]
-    _check_int("max_new_tokens", max_new_tokens, 0)
+    check_int("max_new_tokens", max_new_tokens, 0)
     check_sampling(do_sample, temperature, top_k, top_p, seed)
     eos = _token_ids("eos_token_id", eos_token_id)
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
     else:
-        _check_int("pad_token_id", pad_token_id, 0)
+        check_int("pad_token_id", pad_token_id, 0)
     if not isinstance(use_cache, bool):
         raise TypeError(f"use_cache must be a bool, got {use_cache!r}")
     ids, mask = check_prompt(input_ids, attention_mask, max_new_tokens, max_length)

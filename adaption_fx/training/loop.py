@@ -50,6 +50,7 @@ from adaption_fx.checkpoint import (
     write_json_atomic,
     write_text_atomic,
 )
+from adaption_fx.checks import check_int
 from adaption_fx.model.adapted import AdaptedModel
 from adaption_fx.training.data import (
     IGNORE_INDEX,
@@ -126,13 +127,13 @@ class TrainingArguments:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum"):
-            _check_int(name, getattr(self, name), 1)
+            check_int(name, getattr(self, name), 1)
         for name in ("max_steps", "eval_every", "save_every"):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1)
+                check_int(name, getattr(self, name), 1)
         if self.warmup_steps is not None:
-            _check_int("warmup_steps", self.warmup_steps, 0)
-        _check_int("seed", self.seed, 0)
+            check_int("warmup_steps", self.warmup_steps, 0)
+        check_int("seed", self.seed, 0)
         for name in ("lr", "weight_decay"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -147,13 +148,6 @@ class TrainingArguments:
     def from_dict(cls, data: dict[str, Any]) -> TrainingArguments:
         names = {f.name for f in fields(cls) if f.init}
         return cls(**{k: v for k, v in data.items() if k in names})
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
 # --------------------------------------------------------------------- schedule
