@@ -523,24 +523,39 @@ def test_what_an_adapted_model_cannot_do_is_refused_clearly(model, source, tmp_p
 
 # ----------------------------------------------------------------------------- the guide
 
-README_EXAMPLE = """\
+GUIDE_EXAMPLE = """\
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 from adaption_fx import AdaptionConfig, AdapterTrainer, rewrite
 
-base = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
-                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+base = LlamaForCausalLM(
+    LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
+)
 model = rewrite(base, AdaptionConfig(adapter_len=4, adapter_layers=2))
 rows = torch.randint(0, 100, (16, 12))
 data = [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in rows]
-args = TrainingArguments(output_dir="run", max_steps=4, per_device_train_batch_size=4,
-                         learning_rate=1e-2, save_steps=2, report_to=[], use_cpu=True)
+args = TrainingArguments(
+    output_dir="run",
+    max_steps=4,
+    per_device_train_batch_size=4,
+    learning_rate=1e-2,
+    save_steps=2,
+    report_to=[],
+    use_cpu=True,
+)
 trainer = AdapterTrainer(model=model, args=args, train_dataset=data, eval_dataset=data[:4])
-trainer.train()                           # only the active adapter's prompts and gates train
+trainer.train()  # only the active adapter's prompts and gates train
 print(trainer.evaluate()["eval_loss"])
-trainer.save_model("run/final")           # adapter_config.json + adapter_model.safetensors
+trainer.save_model("run/final")  # adapter_config.json + adapter_model.safetensors
 trainer.train(resume_from_checkpoint="run/checkpoint-2")  # adapter, optimizer, schedule, RNG
-tuned = rewrite(base, "run/final")        # or peft.PeftModel.from_pretrained(base, "run/final")
+tuned = rewrite(base, "run/final")  # or peft.PeftModel.from_pretrained(base, "run/final")
 """
 
 
@@ -548,10 +563,10 @@ def test_readme_trainer_example_runs(tmp_path, monkeypatch):
     """The Trainer guide's example is this one, and it runs."""
     blocks = re.findall(r"```python\n(.*?)```", TRAINER_GUIDE.read_text(), re.S)
     in_readme = [b for b in blocks if "AdapterTrainer(" in b]
-    assert in_readme == [README_EXAMPLE]
+    assert in_readme == [GUIDE_EXAMPLE]
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(README_EXAMPLE, "README_EXAMPLE", "exec"), namespace)
+    exec(compile(GUIDE_EXAMPLE, "GUIDE_EXAMPLE", "exec"), namespace)
     final = tmp_path / "run" / "final"
     assert sorted(p.name for p in final.iterdir()) == [
         CONFIG_NAME,
