@@ -30,7 +30,7 @@ from helpers import (  # noqa: F401 (one_thread: a module-scoped autouse fixture
     tiny_mistral,
 )
 
-import adaption_fx.export.onnx as onnx_export
+import adaption_fx.export.onnx.translate as onnx_translate
 from adaption_fx import AdaptionConfig, rewrite
 from adaption_fx.export import OrtModel, to_onnx
 from adaption_fx.generation.loop import TorchSession
@@ -396,9 +396,9 @@ def test_export_through_torch_onnx_export(model, tmp_path, monkeypatch):
     inputs, with the same dynamic axes."""
 
     def not_direct(*args, **kwargs):
-        raise onnx_export.NotDirect("injected")
+        raise onnx_translate.NotDirect("injected")
 
-    monkeypatch.setattr(onnx_export, "direct_graph", not_direct)
+    monkeypatch.setattr(onnx_translate, "direct_graph", not_direct)
     path = to_onnx(model, tmp_path / "exported.onnx", adapter_as_inputs=True, mixed_batch=True)
     ort = with_adapters(path, model)
     shapes = {i.name: i.shape for i in ort.session.get_inputs()}

@@ -20,7 +20,7 @@ import pytest
 import torch
 from helpers import assert_rel_close, padded_batch, randomize_adapter, tiny_mistral
 
-import adaption_fx.export.onnx as onnx_export
+import adaption_fx.export.onnx.exporter as onnx_exporter
 from adaption_fx import AdaptionConfig, rewrite
 from adaption_fx.export import OrtModel, to_onnx
 from adaption_fx.export.ort import select_providers
@@ -473,7 +473,7 @@ def test_failed_export_before_writing_leaves_nothing(models, tmp_path, monkeypat
     def boom(*args, **kwargs):
         raise RuntimeError("injected export failure")
 
-    monkeypatch.setattr(onnx_export, "onnx_model_of", boom)
+    monkeypatch.setattr(onnx_exporter, "onnx_model_of", boom)
     with pytest.raises(RuntimeError, match="injected export failure"):
         to_onnx(model, tmp_path / "model.onnx")
     assert list(tmp_path.iterdir()) == []

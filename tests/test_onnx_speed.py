@@ -14,7 +14,9 @@ import pytest
 import torch
 from helpers import assert_rel_close, padded_batch, randomize_adapter, tiny_mistral
 
-import adaption_fx.export.onnx as onnx_export
+import adaption_fx.export.onnx.plan as onnx_plan
+import adaption_fx.export.onnx.protobuf as onnx_protobuf
+import adaption_fx.export.onnx.translate as onnx_translate
 from adaption_fx import AdaptionConfig, rewrite
 from adaption_fx.export import OrtModel, to_onnx
 
@@ -85,9 +87,9 @@ def test_fallback_to_torch_onnx_export(model, tmp_path, monkeypatch):
         return export(*args, **kwargs)
 
     def not_direct(*args, **kwargs):
-        raise onnx_export.NotDirect("injected")
+        raise onnx_translate.NotDirect("injected")
 
-    monkeypatch.setattr(onnx_export, "direct_graph", not_direct)
+    monkeypatch.setattr(onnx_translate, "direct_graph", not_direct)
     monkeypatch.setattr(torch.onnx, "export", counted)
     path = to_onnx(model, tmp_path / "model.onnx", progress=False)
     assert calls == [["input_ids", "attention_mask"]]
@@ -98,9 +100,9 @@ def test_direct_translation_runs_bit_identical_to_torch_onnx_export(model, tmp_p
     direct = to_onnx(model, tmp_path / "direct.onnx", progress=False)
 
     def not_direct(*args, **kwargs):
-        raise onnx_export.NotDirect("injected")
+        raise onnx_translate.NotDirect("injected")
 
-    monkeypatch.setattr(onnx_export, "direct_graph", not_direct)
+    monkeypatch.setattr(onnx_translate, "direct_graph", not_direct)
     exported = to_onnx(model, tmp_path / "exported.onnx", progress=False)
     ids, mask = padded_batch(3, 9, seed=5)
     got = np.asarray(OrtModel(direct)(input_ids=ids, attention_mask=mask))
@@ -120,13 +122,13 @@ def test_type_promotion_where_the_graph_mixes_dtypes(tmp_path):
 
     x, counts = torch.randn(2, 5), torch.arange(10).reshape(2, 5)
     program = torch.export.export(_Mixed(), (x, counts))
-    assert onnx_export.promotion_needed(program.graph)
+    assert onnx_translate.promotion_needed(program.graph)
     same = torch.export.export(_Mixed(), (x, counts.float()))
-    assert not onnx_export.promotion_needed(same.graph)
+    assert not onnx_translate.promotion_needed(same.graph)
 
     gm = program.module()
-    wrapper = onnx_export.FlatCall(gm, [("input", None), ("input", None)], {})
-    onnx_model = onnx_export.onnx_model_of(
+    wrapper = onnx_plan.FlatCall(gm, [("input", None), ("input", None)], {})
+    onnx_model = onnx_translate.onnx_model_of(
         wrapper,
         (x, counts),
         input_names=["x", "counts"],
@@ -135,7 +137,7 @@ def test_type_promotion_where_the_graph_mixes_dtypes(tmp_path):
         opset=None,
     )
     path = tmp_path / "mixed.onnx"
-    onnx_export.save_onnx(onnx_model, path, None)
+    onnx_protobuf.save_onnx(onnx_model, path, None)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"x": x.numpy(), "counts": counts.numpy()})
     np.testing.assert_allclose(got, _Mixed()(x, counts).numpy(), rtol=1e-6)
@@ -171,7 +173,7 @@ def test_streamed_save_equals_onnx_ir_save(tmp_path):
     model = ir.Model(graph, ir_version=10, producer_name="test")
     model.metadata_props["key"] = "value"
 
-    assert onnx_export.write_streamed(model, tmp_path / "streamed.onnx")
+    assert onnx_protobuf.write_streamed(model, tmp_path / "streamed.onnx")
     ir.save(model, tmp_path / "reference.onnx")
     streamed = onnx.load(str(tmp_path / "streamed.onnx"))
     reference = onnx.load(str(tmp_path / "reference.onnx"))

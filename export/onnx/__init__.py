@@ -1,0 +1,12 @@
+"""ONNX export for ONNX Runtime: ``to_onnx`` (:mod:`~adaption_fx.export.onnx.exporter`).
+
+- :mod:`~adaption_fx.export.onnx.exporter`: ``to_onnx``, the entry point;
+- :mod:`~adaption_fx.export.onnx.plan`: what a file holds (graph, inputs, outputs, metadata);
+- :mod:`~adaption_fx.export.onnx.translate`: FX to ONNX (all private ``torch.onnx`` use);
+- :mod:`~adaption_fx.export.onnx.protobuf`: writing the file;
+- :mod:`~adaption_fx.export.onnx.progress`: the progress bar.
+"""
+
+from adaption_fx.export.onnx.exporter import to_onnx
+
+__all__ = ["to_onnx"]
