@@ -54,7 +54,7 @@ import torch
 
 from adaption_fx.training.data import resolve_pad_token_id
 from bench import finetune
-from bench.common import machine, median_ms, ratio, step_flops
+from bench.common import machine, median_ms, race, ratio, step_flops
 
 logger = logging.getLogger("bench.embedded")
 
@@ -125,37 +125,6 @@ TARGETS = {
 
 
 # --------------------------------------------------------------------- helpers
-def race(
-    contenders: dict[str, Callable[[], Any]],
-    warmup: int,
-    repeats: int,
-    before: dict[str, Callable[[], None]] | None = None,
-) -> dict[str, dict[str, list[float]]]:
-    """Each contender ``repeats`` times, interleaved round by round (the order alternates),
-    after ``warmup`` untimed rounds. ``before[name]`` runs untimed ahead of each call.
-
-    Returns wall and CPU seconds per contender. Other processes on a shared machine add
-    wall time when they deschedule ours, CPU time much less: where the two ratios
-    disagree, the wall-time one is noise.
-    """
-    before = before or {}
-    names = list(contenders)
-    wall: dict[str, list[float]] = {k: [] for k in names}
-    cpu: dict[str, list[float]] = {k: [] for k in names}
-    for index in range(warmup + repeats):
-        order = names if index % 2 == 0 else names[::-1]
-        for name in order:
-            if name in before:
-                before[name]()
-            started, cpu_started = time.perf_counter(), time.process_time()
-            contenders[name]()
-            elapsed, cpu_elapsed = time.perf_counter() - started, time.process_time() - cpu_started
-            if index >= warmup:
-                wall[name].append(elapsed)
-                cpu[name].append(cpu_elapsed)
-    return {"wall": wall, "cpu": cpu}
-
-
 def load_now() -> float:
     try:
         return os.getloadavg()[0]

@@ -38,8 +38,7 @@ from typing import Any
 import torch
 
 from adaption_fx import AdaptedModel, AdaptionConfig, rewrite
-from bench.common import ratio
-from bench.embedded import race as embedded_race
+from bench.common import race, ratio
 from bench.memory import embedded_model, torch_threads
 from bench.run import Config as ToyConfig
 from bench.run import build_llama
@@ -63,11 +62,6 @@ class MixedConfig:
 TOY = MixedConfig()
 TOY_QUICK = MixedConfig(seq=16, prompt=6, new_tokens=3, warmup=1, repeats=2)
 EMBEDDED = MixedConfig(repeats=7)
-
-
-def race(contenders: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, list]:
-    """Wall seconds per contender, run interleaved (``bench.embedded.race``)."""
-    return embedded_race(contenders, warmup, repeats)["wall"]
 
 
 def _summary(times: dict[str, list[float]]) -> dict[str, Any]:
@@ -254,8 +248,8 @@ def compare(cfg: MixedConfig, base: Any, ort: bool = True) -> dict[str, Any]:
         result["same_tokens_eager"] = _check_tokens(model, cfg, prompts, prompt_mask)
         forward = forward_contenders(model, cfg, feed)
         generate = generate_contenders(model, cfg, prompts, prompt_mask)
-        result["eager_forward"] = _summary(race(forward, cfg.warmup, cfg.repeats))
-        result["eager_generate"] = _summary(race(generate, cfg.warmup, cfg.repeats))
+        result["eager_forward"] = _summary(race(forward, cfg.warmup, cfg.repeats)["wall"])
+        result["eager_generate"] = _summary(race(generate, cfg.warmup, cfg.repeats)["wall"])
         result["eager_forward_structures"] = _structures(base, cfg, feed)
         if ort:
             with tempfile.TemporaryDirectory() as tmp:
@@ -265,8 +259,8 @@ def compare(cfg: MixedConfig, base: Any, ort: bool = True) -> dict[str, Any]:
                 result["same_tokens_ort"] = _check_tokens(
                     model, cfg, prompts, prompt_mask, ort_model
                 )
-                result["ort_forward"] = _summary(race(forward, cfg.warmup, cfg.repeats))
-                result["ort_generate"] = _summary(race(generate, cfg.warmup, cfg.repeats))
+                result["ort_forward"] = _summary(race(forward, cfg.warmup, cfg.repeats)["wall"])
+                result["ort_generate"] = _summary(race(generate, cfg.warmup, cfg.repeats)["wall"])
     return result
 
 
@@ -286,7 +280,7 @@ def _structures(base: Any, cfg: MixedConfig, feed: dict[str, torch.Tensor]) -> d
         "d": AdaptionConfig(adapter_len=1, adapter_layers=max(1, layers // 4)),
     }
     model = adapted(base, structures)
-    return _summary(race(forward_contenders(model, cfg, feed), cfg.warmup, cfg.repeats))
+    return _summary(race(forward_contenders(model, cfg, feed), cfg.warmup, cfg.repeats)["wall"])
 
 
 # --------------------------------------------------------------------- report

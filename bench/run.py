@@ -22,7 +22,6 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ import torch
 from adaption_fx import AdaptionConfig, rewrite
 from adaption_fx.capture.export_model import capture
 from adaption_fx.passes import insert_adaption_prompt, locate_attention, select_top_sites
-from bench.common import machine, median_ms, ratio, step_flops
+from bench.common import machine, median_ms, race, ratio, step_flops
 
 logger = logging.getLogger("bench")
 
@@ -128,22 +127,6 @@ def inputs(cfg: Config, batch: int | None = None, seq: int | None = None):
     return ids, torch.ones_like(ids)
 
 
-def race(
-    contenders: dict[str, Callable[[], Any]], warmup: int, repeats: int
-) -> dict[str, list[float]]:
-    """Time each contender ``repeats`` times, interleaved round by round, after warm-up."""
-    for fn in contenders.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in contenders}
-    for _ in range(repeats):
-        for name, fn in contenders.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def _disabled(model):
     """Our model with adapters disabled: the captured base graph alone."""
 
@@ -166,7 +149,7 @@ def _forward_race(cfg: Config, base, ours, peft_model, feed: dict, repeats: int)
             },
             cfg.warmup,
             repeats,
-        )
+        )["wall"]
     return times, {
         "ours/base": ratio(times, "ours", "base"),
         "peft/base": ratio(times, "peft", "base"),
@@ -201,7 +184,8 @@ def section_train(cfg: Config) -> dict[str, Any]:
 
         return step
 
-    times = race({"ours": stepper(ours), "peft": stepper(peft_model)}, cfg.warmup, cfg.repeats)
+    contenders = {"ours": stepper(ours), "peft": stepper(peft_model)}
+    times = race(contenders, cfg.warmup, cfg.repeats)["wall"]
     flops = {name: step_flops(stepper(m)) for name, m in (("ours", ours), ("peft", peft_model))}
     return {
         "ms": median_ms(times),
@@ -233,7 +217,7 @@ def section_compile(cfg: Config) -> dict[str, Any]:
             {k: (lambda m=m: m(input_ids=ids, attention_mask=mask)) for k, m in compiled.items()},
             max(cfg.warmup, 2),
             cfg.repeats,
-        )
+        )["wall"]
     return {
         "ms": median_ms(times),
         "ours/base": ratio(times, "ours", "base"),
@@ -264,7 +248,7 @@ def section_ort(cfg: Config) -> dict[str, Any]:
                 },
                 cfg.warmup,
                 cfg.repeats,
-            )
+            )["wall"]
         providers = ort_ours.providers
     return {
         "ms": median_ms(times),
@@ -303,7 +287,7 @@ def section_generate(cfg: Config) -> dict[str, Any]:
             }
             # Same tokens from every contender (greedy, same weights and adapter).
             tokens = {k: torch.as_tensor(fn())[:, -n:] for k, fn in contenders.items()}
-            times = race(contenders, cfg.warmup, cfg.repeats)
+            times = race(contenders, cfg.warmup, cfg.repeats)["wall"]
     produced = ids.shape[0] * n
     return {
         "ms": median_ms(times),
