@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from adaption_fx.passes.insert import AdapterStructure
 from adaption_fx.version import __version__
+
+if TYPE_CHECKING:
+    from adaption_fx.passes.insert import AdapterStructure
 
 GateKind = Literal["scalar", "per_head"]
 GateActivation = Literal["identity", "tanh"]
@@ -58,6 +60,9 @@ class AdaptionConfig:
     def structure(self) -> AdapterStructure:
         """What the graph pass needs of this configuration (``adapter_layers`` picks the
         sites before the pass runs)."""
+        # Imported here: the command line reads this module for its --help, without torch.
+        from adaption_fx.passes.insert import AdapterStructure
+
         return AdapterStructure(
             adapter_len=self.adapter_len, gate=self.gate, gate_activation=self.gate_activation
         )

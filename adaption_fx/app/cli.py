@@ -25,8 +25,13 @@ import logging
 import sys
 import traceback
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from adaption_fx.app.options import add_dataclass_options
+from adaption_fx.config import AdaptionConfig
+from adaption_fx.training.arguments import TrainingArguments
 
 if TYPE_CHECKING:
     from adaption_fx.training.distributed import DataParallel
@@ -53,12 +58,7 @@ FINETUNE_CLI_DEFAULTS: dict[str, Any] = {
 
 
 def finetune_defaults() -> dict[str, Any]:
-    """Every finetune option's default (imported late: ``--help`` should not load torch)."""
-    from dataclasses import fields
-
-    from adaption_fx.config import AdaptionConfig
-    from adaption_fx.training.loop import TrainingArguments
-
+    """Every finetune option's default."""
     gate = {f.name: f.default for f in fields(AdaptionConfig) if f.name.startswith("gate")}
     return {**FINETUNE_CLI_DEFAULTS, **gate, **TrainingArguments().to_dict()}
 
@@ -116,6 +116,22 @@ def _fraction(text: str) -> float:
 
 def _layers(text: str) -> int | None:
     return None if text == "all" else _positive_int(text)
+
+
+# How the command line parses the training arguments (argparse's messages for bad values);
+# their help and defaults come from TrainingArguments.
+TRAINING_OPTION_TYPES: dict[str, Any] = {
+    "epochs": _positive_int,
+    "max_steps": _positive_int,
+    "batch_size": _positive_int,
+    "grad_accum": _positive_int,
+    "lr": _positive_float,
+    "warmup_steps": _non_negative_int,
+    "weight_decay": float,
+    "eval_every": _positive_int,
+    "save_every": _positive_int,
+    "seed": _non_negative_int,
+}
 
 
 def _add_model_option(parser: argparse.ArgumentParser, **kwargs: Any) -> None:
@@ -185,31 +201,25 @@ def _finetune_parser(sub: Any) -> None:
         metavar="FRACTION",
         help="hold out this fraction of --data for validation",
     )
-    p.add_argument("--max-length", type=_positive_int, help="tokens per example (default 512)")
-    p.add_argument("--adapter-len", type=_positive_int, help="prompt tokens per layer (10)")
+    p.add_argument(
+        "--max-length",
+        type=_positive_int,
+        help=f"tokens per example (default: {FINETUNE_CLI_DEFAULTS['max_length']})",
+    )
+    p.add_argument(
+        "--adapter-len",
+        type=_positive_int,
+        help=f"prompt tokens per layer (default: {FINETUNE_CLI_DEFAULTS['adapter_len']})",
+    )
     p.add_argument(
         "--adapter-layers",
         type=_layers,
         metavar="N|all",
         help="adapt the top N attention layers (default: all)",
     )
-    p.add_argument("--gate", choices=("scalar", "per_head"), help="gate kind (scalar)")
-    p.add_argument("--gate-activation", choices=("identity", "tanh"), help="(identity)")
-    p.add_argument("--epochs", type=_positive_int, help="passes over the data (1)")
-    p.add_argument("--max-steps", type=_positive_int, help="optimizer steps (wins over --epochs)")
-    p.add_argument("--batch-size", type=_positive_int, help="examples per forward pass (8)")
-    p.add_argument("--grad-accum", type=_positive_int, help="forward passes per step (1)")
-    p.add_argument("--lr", type=_positive_float, help="peak learning rate (9e-3)")
-    p.add_argument(
-        "--warmup-steps",
-        type=_non_negative_int,
-        help="linear warm-up steps before the cosine decay (default: 10%% of steps)",
-    )
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (0.02)")
-    p.add_argument("--eval-every", type=_positive_int, help="validate every N steps")
-    p.add_argument("--save-every", type=_positive_int, help="checkpoint every N steps")
-    p.add_argument("--seed", type=_non_negative_int, help="data order and prompt init (0)")
-    p.add_argument("--compile", action="store_true", help="run the graphs with torch.compile")
+    # The gate and the training arguments: help and defaults from the dataclasses themselves.
+    add_dataclass_options(p, AdaptionConfig, only=("gate", "gate_activation"))
+    add_dataclass_options(p, TrainingArguments, types=TRAINING_OPTION_TYPES)
     p.add_argument(
         "--gradient-checkpointing",
         action="store_true",
