@@ -24,7 +24,7 @@ import json
 import logging
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -77,34 +77,29 @@ def _print(*args: Any, **kwargs: Any) -> None:
 
 
 # --------------------------------------------------------------------- shared pieces
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _number(
+    convert: Callable[[str], Any], accept: Callable[[Any], bool], expected: str, *, parse: str
+) -> Callable[[str], Any]:
+    """An argparse type: ``convert`` the text, then require ``accept``; errors say what was
+    ``expected`` (``parse``: what the text must look like)."""
+
+    def parse_number(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {parse}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    return parse_number
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
+_positive_int = _number(int, lambda v: v >= 1, "a positive integer", parse="a positive integer")
+_non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0", parse="an integer >= 0")
+_positive_float = _number(
+    float, lambda v: 0 < v < float("inf"), "a finite number > 0", parse="a number"
+)
 
 
 def _fraction(text: str) -> float:
