@@ -1,4 +1,4 @@
-"""Old module paths kept for one release after a module moved (see the README's Layout)."""
+"""Old module paths kept for one release after a module moved (CONTRIBUTING.md, Layout)."""
 
 from __future__ import annotations
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from typing import Any
 import torch
 
 from adaption_fx import AdaptedModel, AdaptionConfig, rewrite
-from bench.common import race, ratio
+from bench.common import median_ms, race, ratio
 from bench.memory import embedded_model, torch_threads
 from bench.run import Config as ToyConfig
 from bench.run import build_llama
@@ -66,7 +65,7 @@ EMBEDDED = MixedConfig(repeats=7)
 
 def _summary(times: dict[str, list[float]]) -> dict[str, Any]:
     return {
-        "ms": {k: 1000 * statistics.median(v) for k, v in times.items()},
+        "ms": median_ms(times),
         "mixed/single": ratio(times, "mixed", "single"),
         "separate/single": ratio(times, "separate", "single"),
         "separate/mixed": ratio(times, "separate", "mixed"),

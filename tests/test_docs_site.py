@@ -66,24 +66,39 @@ def _pages() -> list[str]:
     return [str(p.relative_to(ROOT)) for p in pages if "bench-results" not in p.parts]
 
 
-def _markdown_pytest(*args: str) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def code_block_run() -> subprocess.CompletedProcess:
+    """One pytest-markdown-docs run over the README and every docs page (verbose: a line per
+    code block and its outcome)."""
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "--markdown-docs", "-p", "no:cacheprovider", *args],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--markdown-docs",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:logging",
+            "-v",
+            *_pages(),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
     )
 
 
-def test_the_code_blocks_run():
-    result = _markdown_pytest("-q", "-p", "no:logging", *_pages())
-    summary = result.stdout.strip().splitlines()[-1]
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+def test_the_code_blocks_run(code_block_run):
+    summary = code_block_run.stdout.strip().splitlines()[-1]
+    assert code_block_run.returncode == 0, (
+        code_block_run.stdout[-6000:] + code_block_run.stderr[-2000:]
+    )
     assert " passed" in summary and "failed" not in summary, summary
 
 
-def test_every_python_block_is_collected():
-    out = _markdown_pytest("--collect-only", "-q", *_pages()).stdout
-    collected = {line.split("::")[0] for line in out.splitlines() if "::[CodeFence#" in line}
+def test_every_python_block_is_collected(code_block_run):
+    lines = code_block_run.stdout.splitlines()
+    collected = {line.split("::")[0] for line in lines if "::[CodeFence#" in line}
     fenced = {p for p in _pages() if re.search(r"^```python *$", (ROOT / p).read_text(), re.M)}
     assert "README.md" in fenced and fenced <= collected, fenced - collected
