@@ -74,9 +74,12 @@ def rewrite(
     captured = capture(model, example_inputs, cache=cache)
     sites = locate_attention(captured.graph_module)
     logger.info("found %d attention sites: %s", len(sites), [s.module_path for s in sites])
-    adapted = AdaptedModel(captured, sites)
-    if captured.task_type == "CAUSAL_LM" and isinstance(model, torch.nn.Module):
-        object.__setattr__(adapted, "_source", model)  # for generate(); not a submodule
+    # The source module is kept for generate() (a causal LM's decode step is captured
+    # from it on first use) and Hugging Face's attributes.
+    source = (
+        model if captured.task_type == "CAUSAL_LM" and isinstance(model, torch.nn.Module) else None
+    )
+    adapted = AdaptedModel(captured, sites, source=source)
     if isinstance(config, AdaptionConfig):
         adapted.add_adapter(adapter_name, config, generator=generator)
     elif config is not None:

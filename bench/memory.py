@@ -44,7 +44,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from adaption_fx import AdaptedModel, AdaptionConfig, rewrite
-from adaption_fx.passes.locate import plain_module_path
+from adaption_fx.passes.insert import ADAPTION_META_KEY
+from adaption_fx.passes.locate import plain_module_path, within
 from bench.run import build_llama
 
 OUTSIDE = "outside the layers"
@@ -171,9 +172,13 @@ class _LayerTracker(torch.fx.Interpreter):
         self.current = OUTSIDE
 
     def run_node(self, n: torch.fx.Node) -> Any:
-        stack = n.meta.get("nn_module_stack") or {}
-        paths = [plain_module_path(entry[0]) for entry in stack.values()]
-        self.current = next((p for p in paths if p in self.layers), OUTSIDE)
+        tag = n.meta.get(ADAPTION_META_KEY)
+        if tag is not None:  # inserted by the pass: no module stack, but its site's layer
+            self.current = next((p for p in self.layers if within(tag["site"], p)), OUTSIDE)
+        else:
+            stack = n.meta.get("nn_module_stack") or {}
+            paths = [plain_module_path(entry[0]) for entry in stack.values()]
+            self.current = next((p for p in paths if p in self.layers), OUTSIDE)
         return super().run_node(n)
 
 

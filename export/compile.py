@@ -11,9 +11,19 @@ import torch.fx
 from adaption_fx.generation.options import EosTokenIds
 from adaption_fx.model.adapted import AdaptedModel
 from adaption_fx.model.eager import GradientCheckpointing, checkpoint_adapted_layers
-from adaption_fx.passes.unfuse import unfuse_adapter_attention
+from adaption_fx.passes.graph_copy import copy_sharing_weights
+from adaption_fx.passes.infra import run_passes
+from adaption_fx.passes.unfuse import UnfuseAdapterAttention
 
 logger = logging.getLogger(__name__)
+
+
+def unfused_for_inductor(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``graph_module`` (sharing its weights) with the adapter attention written
+    out (``passes/unfuse.py``: inductor does better with it), or ``graph_module`` itself
+    where it has none."""
+    result = run_passes(copy_sharing_weights(graph_module), [UnfuseAdapterAttention()])
+    return result.graph_module if result.modified else graph_module
 
 
 class CompiledModel(torch.nn.Module):
@@ -63,7 +73,7 @@ class CompiledModel(torch.nn.Module):
             if self._options.get("backend", "inductor") == "inductor":
                 # Inductor does better with the adapter attention written out (see unfuse);
                 # other backends compile the graph as captured (what eager inference runs).
-                target = unfuse_adapter_attention(graph_module)
+                target = unfused_for_inductor(graph_module)
             if plan is not None:
                 # Dynamo keeps torch.utils.checkpoint regions (non-reentrant) as regions the
                 # partitioner recomputes in the backward.

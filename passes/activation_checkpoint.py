@@ -5,7 +5,7 @@ the decoder layer of an attention site is the outermost module on the site's sta
 holds no other attention site (``model.layers.3`` for ``model.layers.3.self_attn``), and
 its region is the run of nodes that module produced. Nothing depends on a model type.
 
-Rewriting (:func:`checkpoint_regions`) moves each region into a sub-GraphModule that shares
+Rewriting (:class:`CheckpointRegions`) moves each region into a sub-GraphModule that shares
 the graph's weights and calls it through ``torch.utils.checkpoint.checkpoint``: the forward
 keeps only the region's inputs (the layer's input hidden states, the rotary tables and the
 mask, which are shared by every layer), and the backward runs the region again to get the
@@ -26,6 +26,7 @@ import torch.utils.checkpoint
 
 from adaption_fx.passes.errors import UnsupportedGraphError
 from adaption_fx.passes.graph_copy import copy_flat_graph, graph_module_sharing
+from adaption_fx.passes.infra import PassBase, PassNotApplicable, PassResult
 from adaption_fx.passes.locate import plain_module_path, within
 
 # The keyword arguments torch.utils.checkpoint.checkpoint takes that a caller may set.
@@ -147,7 +148,37 @@ def _outline(
     return graph_module_sharing(gm, sub, class_name="CheckpointedRegion"), inputs, outputs
 
 
-def checkpoint_regions(
+class CheckpointRegions(PassBase):
+    """Run each of ``regions`` under ``torch.utils.checkpoint.checkpoint`` (non-reentrant
+    unless ``options`` say otherwise).
+
+    The result names a new module (a copy sharing the input's weights) in which each region
+    is a submodule ``checkpointed_<i>``; the input module is left as it was.
+    Precondition: the regions' node names exist in the graph and each region is a run of
+    nodes. Postcondition: the same outputs and gradients.
+    """
+
+    def __init__(self, regions: Sequence[Region], options: Mapping[str, Any] | None = None):
+        self.regions = list(regions)
+        self.options = dict(options or {})
+        check_options(self.options)
+
+    def requires(self, graph_module: torch.fx.GraphModule) -> None:
+        names = {n.name for n in graph_module.graph.nodes}
+        for region in self.regions:
+            missing = [name for name in region.nodes if name not in names]
+            if missing:
+                raise PassNotApplicable(
+                    f"region {region.module_path}: the graph has no nodes {missing[:3]}"
+                )
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        if not self.regions:
+            return PassResult(graph_module, False)
+        return PassResult(_checkpoint_regions(graph_module, self.regions, self.options), True)
+
+
+def _checkpoint_regions(
     gm: torch.fx.GraphModule,
     regions: Sequence[Region],
     options: Mapping[str, Any] | None = None,
@@ -193,7 +224,7 @@ def checkpoint_regions(
 
 
 def checkpointed_regions(gm: torch.fx.GraphModule) -> list[str]:
-    """The module paths of the regions :func:`checkpoint_regions` put in ``gm``."""
+    """The module paths of the regions :class:`CheckpointRegions` put in ``gm``."""
     return [
         n.meta["checkpointed_region"] for n in gm.graph.nodes if "checkpointed_region" in n.meta
     ]
@@ -201,9 +232,9 @@ def checkpointed_regions(gm: torch.fx.GraphModule) -> list[str]:
 
 __all__ = [
     "CHECKPOINT_OPTIONS",
+    "CheckpointRegions",
     "Region",
     "check_options",
-    "checkpoint_regions",
     "checkpointed_regions",
     "decoder_layer_regions",
 ]

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.fx
 
+from adaption_fx.passes.infra import GraphPass, PassNotApplicable
+
 aten = torch.ops.aten
 
 _CHECKS = {aten._assert_tensor_metadata.default}
@@ -35,7 +37,7 @@ def is_functional(graph: torch.fx.Graph, *, allow_fresh_inplace: bool = False) -
     """True when no node of ``graph`` mutates a tensor (the precondition of these passes).
 
     ``allow_fresh_inplace``: also True where the only mutations are ones
-    :func:`functionalize_fresh_inplace` rewrites (so the graph is functional after it).
+    :class:`FunctionalizeFreshInplace` rewrites (so the graph is functional after it).
     """
     for node in graph.nodes:
         target = node.target
@@ -101,23 +103,25 @@ def _functional_twin(node: torch.fx.Node) -> Any:
     return functional if promoted == value.dtype else None
 
 
-def functionalize_fresh_inplace(graph: torch.fx.Graph) -> int:
+class FunctionalizeFreshInplace(GraphPass):
     """Rewrite each in-place op on a tensor created just for it (``arange(n).add_(k)``, as
     transformers 4.x builds its mask indices) as the out-of-place op: nothing else can see
     that tensor, so the function is the same. Only where the in-place op is the created
     tensor's only user and type promotion keeps its dtype. Returns how many changed."""
-    changed = 0
-    for node in list(graph.nodes):
-        functional = _functional_twin(node)
-        if functional is None:
-            continue
-        with graph.inserting_before(node):
-            replacement = graph.call_function(functional, node.args, dict(node.kwargs))
-        replacement.meta = dict(node.meta)
-        node.replace_all_uses_with(replacement)
-        graph.erase_node(node)
-        changed += 1
-    return changed
+
+    def transform(self, graph: torch.fx.Graph) -> int:
+        changed = 0
+        for node in list(graph.nodes):
+            functional = _functional_twin(node)
+            if functional is None:
+                continue
+            with graph.inserting_before(node):
+                replacement = graph.call_function(functional, node.args, dict(node.kwargs))
+            replacement.meta = dict(node.meta)
+            node.replace_all_uses_with(replacement)
+            graph.erase_node(node)
+            changed += 1
+        return changed
 
 
 def _contiguous(value: torch.Tensor) -> bool:
@@ -198,28 +202,34 @@ def _identity_input(node: torch.fx.Node) -> torch.fx.Node | None:
     return None
 
 
-def drop_noop_nodes(graph: torch.fx.Graph) -> int:
+class DropNoopNodes(GraphPass):
     """Remove export's tensor-metadata checks and every node that returns its input: casts to
     the input's own dtype/device/layout, ``detach``, ``alias``, ``x * 1``, integer ``x + 0``
     and full slices. Returns how many nodes were removed.
 
-    Precondition: :func:`is_functional` (no node mutates its input), and the graph runs
+    Precondition: :func:`is_functional` (checked) (no node mutates its input), and the graph runs
     without autograd (``detach`` is dropped).
     """
-    removed = 0
-    for node in list(graph.nodes):
-        if node.op != "call_function":
-            continue
-        if node.target in _CHECKS and not node.users:
-            graph.erase_node(node)
-            removed += 1
-            continue
-        source = _identity_input(node)
-        if source is not None:
-            node.replace_all_uses_with(source)
-            graph.erase_node(node)
-            removed += 1
-    return removed
+
+    def requires(self, graph_module: torch.fx.GraphModule) -> None:
+        if not is_functional(graph_module.graph, allow_fresh_inplace=True):
+            raise PassNotApplicable(f"{type(self).__name__} needs a functional graph")
+
+    def transform(self, graph: torch.fx.Graph) -> int:
+        removed = 0
+        for node in list(graph.nodes):
+            if node.op != "call_function":
+                continue
+            if node.target in _CHECKS and not node.users:
+                graph.erase_node(node)
+                removed += 1
+                continue
+            source = _identity_input(node)
+            if source is not None:
+                node.replace_all_uses_with(source)
+                graph.erase_node(node)
+                removed += 1
+        return removed
 
 
 def _key(value: Any) -> Any:
@@ -255,42 +265,50 @@ def is_pure(node: torch.fx.Node) -> bool:
     return True
 
 
-def eliminate_common_subexpressions(graph: torch.fx.Graph) -> int:
+class EliminateCommonSubexpressions(GraphPass):
     """Merge pure nodes that apply the same op to the same arguments. Returns how many
     nodes were removed."""
-    seen: dict[Any, torch.fx.Node] = {}
-    removed = 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or not is_pure(node):
-            continue
-        key = (node.target, _key(node.args), _key(dict(node.kwargs)))
-        earlier = seen.get(key)
-        if earlier is None:
-            seen[key] = node
-            continue
-        node.replace_all_uses_with(earlier)
-        graph.erase_node(node)
-        removed += 1
-    return removed
 
+    def requires(self, graph_module: torch.fx.GraphModule) -> None:
+        if not is_functional(graph_module.graph, allow_fresh_inplace=True):
+            raise PassNotApplicable(f"{type(self).__name__} needs a functional graph")
 
-def eliminate_dead_code(graph: torch.fx.Graph) -> int:
-    """Remove pure nodes (and unused ``get_attr``) nobody uses. Returns how many."""
-    removed = 0
-    for node in reversed(list(graph.nodes)):
-        if node.users or node.op in ("placeholder", "output"):
-            continue
-        if node.op == "get_attr" or (node.op == "call_function" and is_pure(node)):
+    def transform(self, graph: torch.fx.Graph) -> int:
+        seen: dict[Any, torch.fx.Node] = {}
+        removed = 0
+        for node in list(graph.nodes):
+            if node.op != "call_function" or not is_pure(node):
+                continue
+            key = (node.target, _key(node.args), _key(dict(node.kwargs)))
+            earlier = seen.get(key)
+            if earlier is None:
+                seen[key] = node
+                continue
+            node.replace_all_uses_with(earlier)
             graph.erase_node(node)
             removed += 1
-    return removed
+        return removed
+
+
+class EliminateDeadCode(GraphPass):
+    """Remove pure nodes (and unused ``get_attr``) nobody uses. Returns how many."""
+
+    def transform(self, graph: torch.fx.Graph) -> int:
+        removed = 0
+        for node in reversed(list(graph.nodes)):
+            if node.users or node.op in ("placeholder", "output"):
+                continue
+            if node.op == "get_attr" or (node.op == "call_function" and is_pure(node)):
+                graph.erase_node(node)
+                removed += 1
+        return removed
 
 
 __all__ = [
-    "drop_noop_nodes",
-    "eliminate_common_subexpressions",
-    "eliminate_dead_code",
-    "functionalize_fresh_inplace",
+    "DropNoopNodes",
+    "EliminateCommonSubexpressions",
+    "EliminateDeadCode",
+    "FunctionalizeFreshInplace",
     "is_functional",
     "is_pure",
 ]

@@ -12,7 +12,7 @@ does under export, which is not how it runs eagerly:
   padded (``is_causal`` for a prefill, nothing for one new token).
 
 The passes below rewrite a graph (in place) into those eager forms: same function, the
-same kernels Hugging Face's ``generate`` runs. :func:`serial_adapter_attention` writes the
+same kernels Hugging Face's ``generate`` runs. :class:`SerialAdapterAttention` writes the
 small adapter attention as element-wise ops and reductions, which stay on the calling
 thread at decode sizes: SDPA's CPU kernel and softmax always fan out to the thread pool,
 which on a busy machine costs far more than the few thousand multiply-adds of the adapter.
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from adaption_fx.passes.infra import GraphPass, PassNotApplicable
 from adaption_fx.passes.insert import (
     ADAPTION_META_KEY,
     is_adapter_attention,
@@ -112,51 +113,57 @@ def _repeated_heads(node: Any) -> tuple[torch.fx.Node, int, int] | None:
     return kv, heads, groups
 
 
-def native_gqa(graph: torch.fx.Graph) -> int:
+class NativeGqa(GraphPass):
     """Give SDPA the grouped key/value heads (``enable_gqa=True``) instead of ``repeat_kv``
     copies of them. Returns how many attention calls changed."""
-    changed = 0
-    for node in model_attention(graph):
-        named = sdpa_arguments(node)
-        if named["enable_gqa"]:
-            continue
-        key, value = _repeated_heads(named["key"]), _repeated_heads(named["value"])
-        if key is None or value is None or key[1:] != value[1:]:
-            continue
-        named.update(key=key[0], value=value[0], enable_gqa=True)
-        _set_sdpa(node, named)
-        changed += 1
-    return changed
+
+    def transform(self, graph: torch.fx.Graph) -> int:
+        changed = 0
+        for node in model_attention(graph):
+            named = sdpa_arguments(node)
+            if named["enable_gqa"]:
+                continue
+            key, value = _repeated_heads(named["key"]), _repeated_heads(named["value"])
+            if key is None or value is None or key[1:] != value[1:]:
+                continue
+            named.update(key=key[0], value=value[0], enable_gqa=True)
+            _set_sdpa(node, named)
+            changed += 1
+        return changed
 
 
 # --------------------------------------------------------------------------- masks
-def float_attention_masks(graph: torch.fx.Graph) -> int:
+class FloatAttentionMasks(GraphPass):
     """Convert each boolean attention mask to SDPA's float form once (where the mask allows,
     0; elsewhere -inf; the query's dtype), where SDPA would convert it in every layer.
     Returns how many masks were converted."""
-    converted: dict[torch.fx.Node, torch.fx.Node] = {}
-    for node in model_attention(graph):
-        named = sdpa_arguments(node)
-        # The key's dtype is the query's (SDPA requires it); a packed query has no metadata.
-        mask, key = named["attn_mask"], _val(named["key"])
-        mask_val = _val(mask)
-        if not (isinstance(mask_val, torch.Tensor) and mask_val.dtype == torch.bool):
-            continue
-        if not isinstance(key, torch.Tensor):
-            continue
-        if mask not in converted:
-            with graph.inserting_after(mask):
-                zero = graph.call_function(
-                    aten.scalar_tensor.default,
-                    (0.0,),
-                    {"dtype": key.dtype, "device": mask_val.device},
-                )
-            with graph.inserting_after(zero):
-                additive = graph.call_function(aten.where.ScalarOther, (mask, zero, float("-inf")))
-            converted[mask] = additive
-        named["attn_mask"] = converted[mask]
-        _set_sdpa(node, named)
-    return len(converted)
+
+    def transform(self, graph: torch.fx.Graph) -> int:
+        converted: dict[torch.fx.Node, torch.fx.Node] = {}
+        for node in model_attention(graph):
+            named = sdpa_arguments(node)
+            # The key's dtype is the query's (SDPA requires it); a packed query has no metadata.
+            mask, key = named["attn_mask"], _val(named["key"])
+            mask_val = _val(mask)
+            if not (isinstance(mask_val, torch.Tensor) and mask_val.dtype == torch.bool):
+                continue
+            if not isinstance(key, torch.Tensor):
+                continue
+            if mask not in converted:
+                with graph.inserting_after(mask):
+                    zero = graph.call_function(
+                        aten.scalar_tensor.default,
+                        (0.0,),
+                        {"dtype": key.dtype, "device": mask_val.device},
+                    )
+                with graph.inserting_after(zero):
+                    additive = graph.call_function(
+                        aten.where.ScalarOther, (mask, zero, float("-inf"))
+                    )
+                converted[mask] = additive
+            named["attn_mask"] = converted[mask]
+            _set_sdpa(node, named)
+        return len(converted)
 
 
 _MASK_OPS = {
@@ -217,76 +224,101 @@ def plain_causal_mask(mask: torch.fx.Node, attention_mask: str = "attention_mask
     return comparisons == 1 and reads_mask
 
 
-def drop_attention_masks(
-    graph: torch.fx.Graph, *, is_causal: bool, attention_mask: str = "attention_mask"
-) -> bool:
+class DropAttentionMasks(GraphPass):
     """For inputs without padding: call the model's attention without its mask, with
     ``is_causal`` as given (True for a prefill without past, False for one new token).
 
-    Returns False, leaving the graph as it was, when some mask is not a
-    :func:`plain_causal_mask` of the placeholder named ``attention_mask`` (a sliding
-    window, say), or there is none to drop.
+    Precondition (``requires``, else :class:`PassNotApplicable`): the graph has model
+    attention, and every call's mask is a :func:`plain_causal_mask` of the placeholder
+    named ``attention_mask`` (not a sliding window, say), with no ``is_causal`` or dropout
+    of its own. Postcondition: no model attention call takes a mask.
     """
-    nodes = model_attention(graph)
-    masks = {sdpa_arguments(n)["attn_mask"] for n in nodes}
-    if not nodes or None in masks:
-        return False
-    if not all(
-        isinstance(m, torch.fx.Node) and plain_causal_mask(m, attention_mask) for m in masks
-    ):
-        return False
-    for node in nodes:
-        named = sdpa_arguments(node)
-        if named["is_causal"] or named["dropout_p"]:
-            return False
-    for node in nodes:
-        named = sdpa_arguments(node)
-        named.update(attn_mask=None, is_causal=is_causal)
-        _set_sdpa(node, named)
-    return True
+
+    def __init__(self, *, is_causal: bool, attention_mask: str = "attention_mask"):
+        self.is_causal = is_causal
+        self.attention_mask = attention_mask
+
+    def requires(self, graph_module: torch.fx.GraphModule) -> None:
+        nodes = model_attention(graph_module.graph)
+        if not nodes:
+            raise PassNotApplicable("the graph has no model attention")
+        for node in nodes:
+            named = sdpa_arguments(node)
+            mask = named["attn_mask"]
+            if not isinstance(mask, torch.fx.Node) or not plain_causal_mask(
+                mask, self.attention_mask
+            ):
+                raise PassNotApplicable(
+                    f"{node.name}'s mask is not a plain causal mask of {self.attention_mask!r}"
+                )
+            if named["is_causal"] or named["dropout_p"]:
+                raise PassNotApplicable(f"{node.name} has is_causal or dropout of its own")
+
+    def transform(self, graph: torch.fx.Graph) -> int:
+        nodes = model_attention(graph)
+        for node in nodes:
+            named = sdpa_arguments(node)
+            named.update(attn_mask=None, is_causal=self.is_causal)
+            _set_sdpa(node, named)
+        return len(nodes)
+
+    def ensures(self, graph_module: torch.fx.GraphModule) -> None:
+        if any(
+            sdpa_arguments(n)["attn_mask"] is not None for n in model_attention(graph_module.graph)
+        ):
+            raise RuntimeError("DropAttentionMasks left a mask in place")
+
+    def __repr__(self) -> str:
+        return f"DropAttentionMasks(is_causal={self.is_causal})"
 
 
-def pack_single_query(graph: torch.fx.Graph) -> int:
+class PackSingleQuery(GraphPass):
     """For one new token: fold each grouped-query attention's query heads into rows of its
     key/value heads, (batch, heads, 1, d) -> (batch, kv_heads, groups, d), as transformers'
     ``pack_gqa`` does, so that a masked attention needs no ``enable_gqa`` expansion.
 
     Only for attention with ``enable_gqa`` and a mask shared by all heads. Returns how many
     calls changed. Valid only where the query has one token. Run it before
-    :func:`float_attention_masks` (it reads the boolean mask's shape).
+    :class:`FloatAttentionMasks` (it reads the boolean mask's shape).
     """
-    changed = 0
-    for node in model_attention(graph):
-        named = sdpa_arguments(node)
-        query, key, value = (_val(named[k]) for k in ("query", "key", "value"))
-        mask = _val(named["attn_mask"]) if named["attn_mask"] is not None else None
-        if not named["enable_gqa"] or named["is_causal"]:
-            continue
-        if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (query, key, value)):
-            continue
-        heads, kv_heads = _static_int(query.shape[1]), _static_int(key.shape[1])
-        dim, value_dim = _static_int(query.shape[3]), _static_int(value.shape[3])
-        if None in (heads, kv_heads, dim, value_dim) or heads % kv_heads:
-            continue
-        if mask is not None and not (mask.dim() == 4 and _static_int(mask.shape[1]) == 1):
-            continue
-        with graph.inserting_before(node):
-            packed = graph.call_function(
-                aten.reshape.default, (named["query"], [-1, kv_heads, heads // kv_heads, dim])
+
+    def transform(self, graph: torch.fx.Graph) -> int:
+        changed = 0
+        for node in model_attention(graph):
+            named = sdpa_arguments(node)
+            query, key, value = (_val(named[k]) for k in ("query", "key", "value"))
+            mask = _val(named["attn_mask"]) if named["attn_mask"] is not None else None
+            if not named["enable_gqa"] or named["is_causal"]:
+                continue
+            if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (query, key, value)):
+                continue
+            heads, kv_heads = _static_int(query.shape[1]), _static_int(key.shape[1])
+            dim, value_dim = _static_int(query.shape[3]), _static_int(value.shape[3])
+            if None in (heads, kv_heads, dim, value_dim) or heads % kv_heads:
+                continue
+            if mask is not None and not (mask.dim() == 4 and _static_int(mask.shape[1]) == 1):
+                continue
+            with graph.inserting_before(node):
+                packed = graph.call_function(
+                    aten.reshape.default, (named["query"], [-1, kv_heads, heads // kv_heads, dim])
+                )
+            named.update(query=packed, enable_gqa=False)
+            with graph.inserting_after(node):
+                unpacked = graph.call_function(
+                    aten.reshape.default, (node, [-1, heads, 1, value_dim])
+                )
+            node.replace_all_uses_with(
+                unpacked, delete_user_cb=lambda user, u=unpacked: user is not u
             )
-        named.update(query=packed, enable_gqa=False)
-        with graph.inserting_after(node):
-            unpacked = graph.call_function(aten.reshape.default, (node, [-1, heads, 1, value_dim]))
-        node.replace_all_uses_with(unpacked, delete_user_cb=lambda user, u=unpacked: user is not u)
-        unpacked.meta = dict(node.meta)
-        node.meta.pop("val", None)  # its shape is now the packed one
-        _set_sdpa(node, named)
-        changed += 1
-    return changed
+            unpacked.meta = dict(node.meta)
+            node.meta.pop("val", None)  # its shape is now the packed one
+            _set_sdpa(node, named)
+            changed += 1
+        return changed
 
 
 # --------------------------------------------------------------------------- adapter
-def serial_adapter_attention(graph: torch.fx.Graph) -> int:
+class SerialAdapterAttention(GraphPass):
     """Write each fused adapter attention, ``SDPA(Q, K_a, V_a, scale=1)``, as
     ``sum(softmax(sum(Q * K_a)) * V_a)`` in element-wise ops and reductions (the softmax
     as max, subtract, exp2, sum, divide, the keys scaled by log2(e)), none of which starts
@@ -294,87 +326,84 @@ def serial_adapter_attention(graph: torch.fx.Graph) -> int:
     (lower precisions keep the fused kernel's float accumulation). The mixed-batch branch
     (``passes/mixed_batch.py``: keys and values per row, a key mask per row) is written
     the same way, its mask added to the scores. Returns how many attention calls changed."""
-    changed = 0
-    adapter_sdpa = [
-        n for n in graph.nodes if is_adapter_attention(n) or (n.target == SDPA and is_mixed_node(n))
-    ]
-    for node in adapter_sdpa:
-        named = sdpa_arguments(node)
-        query_val = _val(named["query"])
-        if not isinstance(query_val, torch.Tensor) or query_val.dtype not in (
-            torch.float32,
-            torch.float64,
-        ):
-            continue
-        mask = named["attn_mask"]
-        if (
-            (mask is not None and not is_mixed_node(node))
-            or named["is_causal"]
-            or named["dropout_p"]
-            or named["enable_gqa"]
-            or named["scale"] != 1.0
-        ):
-            continue
-        tag = dict(node.meta[ADAPTION_META_KEY])
-        query, key, value = (
-            named["query"],
-            without_batch_expand(named["key"]),
-            without_batch_expand(named["value"]),
-        )
-        new: list[torch.fx.Node] = []
 
-        def call(target, *args, _new=new):
-            out = graph.call_function(target, args)
-            _new.append(out)
-            return out
+    def transform(self, graph: torch.fx.Graph) -> int:
+        changed = 0
+        adapter_sdpa = [
+            n
+            for n in graph.nodes
+            if is_adapter_attention(n) or (n.target == SDPA and is_mixed_node(n))
+        ]
+        for node in adapter_sdpa:
+            named = sdpa_arguments(node)
+            query_val = _val(named["query"])
+            if not isinstance(query_val, torch.Tensor) or query_val.dtype not in (
+                torch.float32,
+                torch.float64,
+            ):
+                continue
+            mask = named["attn_mask"]
+            if (
+                (mask is not None and not is_mixed_node(node))
+                or named["is_causal"]
+                or named["dropout_p"]
+                or named["enable_gqa"]
+                or named["scale"] != 1.0
+            ):
+                continue
+            tag = dict(node.meta[ADAPTION_META_KEY])
+            query, key, value = (
+                named["query"],
+                without_batch_expand(named["key"]),
+                without_batch_expand(named["value"]),
+            )
+            new: list[torch.fx.Node] = []
 
-        with graph.inserting_before(node):
-            # Scores in base 2: exp(s - max) = exp2(s * log2(e) - max'), and the log2(e)
-            # goes into the adapter keys (hoisted out of the step with them). exp2 stays on
-            # the calling thread; exp is MKL's vector exp, which starts threads.
-            key = call(aten.mul.Tensor, key, LOG2E)
-            # (b, h, q, 1, d) * (1 or b, h, 1, a, d) -> scores (b, h, q, a)
-            scores = call(
-                aten.sum.dim_IntList,
-                call(
-                    aten.mul.Tensor,
-                    call(aten.unsqueeze.default, query, -2),
-                    call(aten.unsqueeze.default, key, -3),
-                ),
-                [-1],
-            )
-            if mask is not None:  # 0 or -inf per key: the same in base 2
-                scores = call(aten.add.Tensor, scores, mask)
-            shifted = call(aten.sub.Tensor, scores, call(aten.amax.default, scores, [-1], True))
-            weights = call(aten.exp2.default, shifted)
-            probs = call(aten.div.Tensor, weights, call(aten.sum.dim_IntList, weights, [-1], True))
-            # (b, h, q, a, 1) * (1 or b, h, 1, a, dv) -> (b, h, q, dv)
-            out = call(
-                aten.sum.dim_IntList,
-                call(
-                    aten.mul.Tensor,
-                    call(aten.unsqueeze.default, probs, -1),
-                    call(aten.unsqueeze.default, value, -3),
-                ),
-                [-2],
-            )
-        for created in new:
-            created.meta[ADAPTION_META_KEY] = {**tag, "role": f"serial_{created.name}"}
-        out.meta[ADAPTION_META_KEY] = tag
-        out.meta["val"] = node.meta.get("val")
-        node.replace_all_uses_with(out)
-        graph.erase_node(node)
-        changed += 1
-    return changed
+            def call(target, *args, _new=new):
+                out = graph.call_function(target, args)
+                _new.append(out)
+                return out
+
+            def mul_sum(x, x_dim, y, y_dim, reduce_dim, call=call):
+                """sum(unsqueeze(x, x_dim) * unsqueeze(y, y_dim), reduce_dim): a matmul
+                written as a broadcast product and a reduction."""
+                x = call(aten.unsqueeze.default, x, x_dim)
+                y = call(aten.unsqueeze.default, y, y_dim)
+                return call(aten.sum.dim_IntList, call(aten.mul.Tensor, x, y), [reduce_dim])
+
+            with graph.inserting_before(node):
+                # Scores in base 2: exp(s - max) = exp2(s * log2(e) - max'), and the log2(e)
+                # goes into the adapter keys (hoisted out of the step with them). exp2 stays on
+                # the calling thread; exp is MKL's vector exp, which starts threads.
+                key = call(aten.mul.Tensor, key, LOG2E)
+                # (b, h, q, 1, d) * (1 or b, h, 1, a, d) -> scores (b, h, q, a)
+                scores = mul_sum(query, -2, key, -3, -1)
+                if mask is not None:  # 0 or -inf per key: the same in base 2
+                    scores = call(aten.add.Tensor, scores, mask)
+                shifted = call(aten.sub.Tensor, scores, call(aten.amax.default, scores, [-1], True))
+                weights = call(aten.exp2.default, shifted)
+                probs = call(
+                    aten.div.Tensor, weights, call(aten.sum.dim_IntList, weights, [-1], True)
+                )
+                # (b, h, q, a, 1) * (1 or b, h, 1, a, dv) -> (b, h, q, dv)
+                out = mul_sum(probs, -1, value, -3, -2)
+            for created in new:
+                created.meta[ADAPTION_META_KEY] = {**tag, "role": f"serial_{created.name}"}
+            out.meta[ADAPTION_META_KEY] = tag
+            out.meta["val"] = node.meta.get("val")
+            node.replace_all_uses_with(out)
+            graph.erase_node(node)
+            changed += 1
+        return changed
 
 
 __all__ = [
-    "drop_attention_masks",
-    "float_attention_masks",
+    "DropAttentionMasks",
+    "FloatAttentionMasks",
+    "NativeGqa",
+    "PackSingleQuery",
+    "SerialAdapterAttention",
     "model_attention",
-    "native_gqa",
-    "pack_single_query",
     "plain_causal_mask",
     "sdpa_arguments",
-    "serial_adapter_attention",
 ]

@@ -19,6 +19,7 @@ import torch
 import torch.fx
 
 from adaption_fx.passes.graph_copy import copy_flat_graph, graph_module_sharing
+from adaption_fx.passes.infra import NewModuleResult
 from adaption_fx.passes.insert import ADAPTION_META_KEY, AdaptionGraph
 from adaption_fx.passes.site import AttentionSite
 
@@ -33,7 +34,7 @@ def folded_keys(site: AttentionSite) -> tuple[str, str, str]:
 
 
 @dataclass(frozen=True)
-class FoldedGraph:
+class FoldedGraph(NewModuleResult):
     """A rewritten graph with its adapter folded.
 
     Attributes:

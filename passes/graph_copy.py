@@ -63,6 +63,14 @@ def graph_module_sharing(
     return gm
 
 
+def copy_sharing_weights(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of ``gm`` (flat inputs, see :func:`copy_flat_graph`) whose attributes are
+    ``gm``'s own objects (:func:`graph_module_sharing`): what an in-place pass runs on to
+    leave ``gm`` as it was."""
+    graph, _ = copy_flat_graph(gm)
+    return graph_module_sharing(gm, graph, class_name=type(gm).__name__)
+
+
 def shares_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     """True if every tensor of ``a`` is the very tensor object ``b`` holds at that path."""
     b_tensors = dict(b.named_parameters(remove_duplicate=False))

@@ -27,6 +27,7 @@ import torch
 import torch.fx
 
 from adaption_fx.passes.graph_copy import copy_flat_graph, graph_module_sharing
+from adaption_fx.passes.infra import NewModuleResult
 from adaption_fx.passes.locate import ADAPTION_META_KEY, check_aten_graph
 from adaption_fx.passes.site import AttentionSite, TensorPath
 
@@ -78,7 +79,7 @@ def adapter_tensor_shapes(
 
 
 @dataclass(frozen=True)
-class AdaptionGraph:
+class AdaptionGraph(NewModuleResult):
     """A rewritten graph and how to call it.
 
     Attributes:

@@ -39,6 +39,7 @@ import torch.fx
 
 from adaption_fx.passes.fold import folded_keys
 from adaption_fx.passes.graph_copy import graph_module_sharing
+from adaption_fx.passes.infra import NewModuleResult
 from adaption_fx.passes.insert import BranchBuilder, copy_for_sites, soft_capped_attention
 from adaption_fx.passes.locate import ADAPTION_META_KEY
 from adaption_fx.passes.site import AttentionSite
@@ -51,7 +52,7 @@ MIXED_ROLE_PREFIX = "mixed_"
 
 
 @dataclass(frozen=True)
-class MixedGraph:
+class MixedGraph(NewModuleResult):
     """A graph whose adapter is chosen per batch row, and how to call it.
 
     Attributes:

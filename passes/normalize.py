@@ -7,10 +7,10 @@ transformers releases build attention masks with ``torch.vmap``, which non-stric
 keeps as functorch calls around a ``flat_apply`` higher-order op. Neither is something the
 passes, torch.compile with dynamic shapes, or the ONNX exporter should have to know about.
 
-:func:`inline_wrapped_regions` inlines the regions that compute the same values as plain
-ATen ops; :func:`lower_vmap_regions` retraces each vmap region into the batched ATen ops
+:class:`InlineWrappedRegions` inlines the regions that compute the same values as plain
+ATen ops; :class:`LowerVmapRegions` retraces each vmap region into the batched ATen ops
 functorch runs for it; :func:`check_normalized` then names whatever is left that is not
-plain ATen.
+plain ATen. :func:`normalize_export_graph` runs the two passes and the check.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from adaption_fx.passes.errors import UnsupportedGraphError
+from adaption_fx.passes.infra import PassBase, PassResult, run_passes
 
 _HOP = torch.ops.higher_order
 _aten = torch.ops.aten
@@ -125,26 +126,25 @@ def _is_module(root: torch.nn.Module, node: torch.fx.Node) -> bool:
     return True
 
 
-def inline_wrapped_regions(gm: torch.fx.GraphModule) -> int:
-    """Inline every no-grad and disabled-autocast region of ``gm``, nested ones too.
+class InlineWrappedRegions(PassBase):
+    """Inline every no-grad and disabled-autocast region of a graph module, nested ones
+    too (in place).
 
-    Precondition: ``gm`` is a torch.export graph module. Postcondition: no
+    Precondition: a torch.export graph module. Postcondition: no
     ``wrap_with_set_grad_enabled(False, ...)`` or disabled ``wrap_with_autocast`` remains;
-    ``gm`` computes the same values with the same gradients. Returns how many regions were
-    inlined.
+    the module computes the same values with the same gradients.
     """
-    count = 0
-    while True:
-        regions = [n for n in gm.graph.nodes if _region(n) is not None]
-        if not regions:
-            break
-        for node in regions:
-            _inline_one(gm, node)
-            count += 1
-    if count:
-        gm.graph.lint()
-        gm.recompile()
-    return count
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        count = 0
+        while True:
+            regions = [n for n in graph_module.graph.nodes if _region(n) is not None]
+            if not regions:
+                break
+            for node in regions:
+                _inline_one(graph_module, node)
+                count += 1
+        return PassResult(graph_module, count > 0)
 
 
 def _call_name(node: torch.fx.Node) -> str | None:
@@ -233,30 +233,31 @@ def _lower_region(gm: torch.fx.GraphModule, region: list[torch.fx.Node]) -> None
             delattr(gm, target)
 
 
-def lower_vmap_regions(gm: torch.fx.GraphModule) -> int:
-    """Replace every vmap call recorded in ``gm`` by the batched ATen ops it computes.
+class LowerVmapRegions(PassBase):
+    """Replace every vmap call recorded in a graph module by the batched ATen ops it
+    computes (in place).
 
-    Precondition: ``gm`` is a torch.export graph module with fake values in its metadata.
-    Postcondition: no functorch call or ``flat_apply`` from a vmap region remains; ``gm``
-    computes the same values. Returns how many regions were lowered.
+    Precondition: a torch.export graph module with fake values in its metadata.
+    Postcondition: no functorch call or ``flat_apply`` from a vmap region remains; the
+    module computes the same values. A region that does not close raises
+    UnsupportedGraphError.
     """
-    count = 0
-    while True:
-        nodes = list(gm.graph.nodes)
-        start = next((i for i, n in enumerate(nodes) if _call_name(n) in _VMAP_CALLS), None)
-        if start is None:
-            break
-        region = _vmap_region(nodes, start)
-        if region is None:
-            raise UnsupportedGraphError(
-                f"the vmap region starting at {nodes[start].name} is not closed in the graph"
-            )
-        _lower_region(gm, region)
-        count += 1
-    if count:
-        gm.graph.lint()
-        gm.recompile()
-    return count
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        count = 0
+        while True:
+            nodes = list(graph_module.graph.nodes)
+            start = next((i for i, n in enumerate(nodes) if _call_name(n) in _VMAP_CALLS), None)
+            if start is None:
+                break
+            region = _vmap_region(nodes, start)
+            if region is None:
+                raise UnsupportedGraphError(
+                    f"the vmap region starting at {nodes[start].name} is not closed in the graph"
+                )
+            _lower_region(graph_module, region)
+            count += 1
+        return PassResult(graph_module, count > 0)
 
 
 def _describe(node: torch.fx.Node) -> str:
@@ -296,18 +297,19 @@ def check_normalized(gm: torch.fx.GraphModule, source_name: str = "the model") -
     )
 
 
-def normalize_export_graph(gm: torch.fx.GraphModule, source_name: str = "the model") -> None:
-    """Inline wrapped regions and lower vmap regions of ``gm`` in place, then check that
-    plain ATen is left."""
-    inline_wrapped_regions(gm)
-    lower_vmap_regions(gm)
+def normalize_export_graph(gm: torch.fx.GraphModule, source_name: str = "the model") -> PassResult:
+    """Inline wrapped regions and lower vmap regions of ``gm`` in place (one pass list),
+    then check that plain ATen is left (the postcondition: UnsupportedGraphError naming
+    what is not)."""
+    result = run_passes(gm, [InlineWrappedRegions(), LowerVmapRegions()])
     check_normalized(gm, source_name)
+    return result
 
 
 __all__ = [
+    "InlineWrappedRegions",
+    "LowerVmapRegions",
     "check_normalized",
-    "inline_wrapped_regions",
     "leftover_nodes",
-    "lower_vmap_regions",
     "normalize_export_graph",
 ]

@@ -36,6 +36,7 @@ import torch.fx
 from adaption_fx.passes.activation_checkpoint import Region
 from adaption_fx.passes.errors import UnsupportedGraphError
 from adaption_fx.passes.graph_copy import owner_at
+from adaption_fx.passes.infra import PassBase, PassResult
 from adaption_fx.passes.locate import within
 
 
@@ -70,7 +71,23 @@ def _layer_graph_module(container: torch.nn.Module, graph: torch.fx.Graph) -> to
     return gm
 
 
-def outline_layers(gm: torch.fx.GraphModule, regions: Sequence[Region]) -> torch.fx.GraphModule:
+class OutlineLayers(PassBase):
+    """Call each decoder layer as a module of its own (see :func:`_outline_layers`); the
+    result names the new module, the input module is left as it was.
+
+    Precondition: ``regions`` are decoder-layer regions of the graph
+    (``decoder_layer_regions(graph, site_paths)``). Postcondition: the same function, each
+    region a ``call_module`` of a sub-GraphModule reading that layer's weights itself.
+    """
+
+    def __init__(self, regions: Sequence[Region]):
+        self.regions = list(regions)
+
+    def call(self, graph_module: torch.fx.GraphModule) -> PassResult:
+        return PassResult(_outline_layers(graph_module, self.regions), bool(self.regions))
+
+
+def _outline_layers(gm: torch.fx.GraphModule, regions: Sequence[Region]) -> torch.fx.GraphModule:
     """A GraphModule computing what ``gm`` computes, in which each region (a decoder layer,
     from ``decoder_layer_regions(gm.graph, site_paths)``) is replaced by
     ``call_module(region.module_path)`` of a sub-GraphModule reading that layer's weights
@@ -203,7 +220,7 @@ def outline_layers(gm: torch.fx.GraphModule, regions: Sequence[Region]) -> torch
 
 
 def outlined_layers(gm: torch.fx.GraphModule) -> dict[str, torch.fx.GraphModule]:
-    """The layer sub-GraphModules :func:`outline_layers` put in ``gm``, by module path."""
+    """The layer sub-GraphModules :class:`OutlineLayers` put in ``gm``, by module path."""
     return {
         str(n.target): gm.get_submodule(str(n.target))
         for n in gm.graph.nodes
@@ -211,4 +228,4 @@ def outlined_layers(gm: torch.fx.GraphModule) -> dict[str, torch.fx.GraphModule]
     }
 
 
-__all__ = ["outline_layers", "outlined_layers"]
+__all__ = ["OutlineLayers", "outlined_layers"]

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from adaption_fx.passes.graph_copy import copy_flat_graph, graph_module_sharing
+from adaption_fx.passes.infra import GraphPass
 
 aten = torch.ops.aten
 
@@ -97,34 +97,35 @@ def find_gated_activations(graph: torch.fx.Graph) -> list[tuple[torch.fx.Node, t
     return found
 
 
-def recompute_gated_activations(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A copy of ``gm`` (sharing its weights) whose gated activations recompute the
-    activation in the backward (see the module docstring); ``gm`` itself when it has none.
+class RecomputeGatedActivations(GraphPass):
+    """Make each gated activation recompute the activation in the backward (see the module
+    docstring), in place.
 
     Precondition: a flat ATen graph (torch.export's, or one of our rewrites of it).
+    Postcondition: the same function; no ``act(gate) * up`` left as two nodes.
     """
-    if not find_gated_activations(gm.graph):
-        return gm
-    graph, _ = copy_flat_graph(gm)
-    for act, product in find_gated_activations(graph):
-        up = product.args[1] if product.args[0] is act else product.args[0]
-        with graph.inserting_before(product):
-            fused = graph.call_function(
-                gated_product, (act.args[0], up, act.target, tuple(act.args[1:]), dict(act.kwargs))
-            )
-        fused.meta.update({k: v for k, v in product.meta.items() if k != "val"})
-        if "val" in product.meta:
-            fused.meta["val"] = product.meta["val"]
-        product.replace_all_uses_with(fused)
-        graph.erase_node(product)
-        graph.erase_node(act)
-    graph.lint()
-    return graph_module_sharing(gm, graph, class_name=type(gm).__name__)
+
+    def transform(self, graph: torch.fx.Graph) -> int:
+        found = find_gated_activations(graph)
+        for act, product in found:
+            up = product.args[1] if product.args[0] is act else product.args[0]
+            with graph.inserting_before(product):
+                fused = graph.call_function(
+                    gated_product,
+                    (act.args[0], up, act.target, tuple(act.args[1:]), dict(act.kwargs)),
+                )
+            fused.meta.update({k: v for k, v in product.meta.items() if k != "val"})
+            if "val" in product.meta:
+                fused.meta["val"] = product.meta["val"]
+            product.replace_all_uses_with(fused)
+            graph.erase_node(product)
+            graph.erase_node(act)
+        return len(found)
 
 
 __all__ = [
     "ACTIVATIONS",
+    "RecomputeGatedActivations",
     "find_gated_activations",
     "gated_product",
-    "recompute_gated_activations",
 ]

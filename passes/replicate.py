@@ -26,6 +26,7 @@ import torch
 import torch.fx
 
 from adaption_fx.passes.errors import UnsupportedGraphError
+from adaption_fx.passes.infra import GraphPass
 from adaption_fx.passes.locate import plain_module_path, within
 
 
@@ -88,7 +89,31 @@ def _renamed_stack(stack: dict, old: str, new: str) -> dict:
     return renamed
 
 
-def replicate_layer(
+class ReplicateLayer(GraphPass):
+    """Grow a one-layer graph to every layer (in place; see :func:`_replicate_layer` for
+    the arguments and the errors).
+
+    Precondition: the graph runs the layer at ``layer_path`` once, reading one carried
+    value and writing one value the rest of the graph reads. Postcondition: it runs
+    ``len(layer_path_of)`` layers, each reading its own weights.
+    """
+
+    def __init__(
+        self,
+        layer_path: str,
+        layer_path_of: list[str],
+        per_layer_inputs: dict[str, list[str]] | None = None,
+    ):
+        self.layer_path = layer_path
+        self.layer_path_of = list(layer_path_of)
+        self.per_layer_inputs = per_layer_inputs
+
+    def transform(self, graph: torch.fx.Graph) -> int:
+        _replicate_layer(graph, self.layer_path, self.layer_path_of, self.per_layer_inputs)
+        return len(self.layer_path_of) - 1
+
+
+def _replicate_layer(
     graph: torch.fx.Graph,
     layer_path: str,
     layer_path_of: list[str],
@@ -204,4 +229,4 @@ def replicate_layer(
     graph.lint()
 
 
-__all__ = ["ReplicationError", "layer_region", "replicate_layer"]
+__all__ = ["ReplicateLayer", "ReplicationError", "layer_region"]

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from adaption_fx.passes.infra import GraphPass
+
 aten = torch.ops.aten
 INT64_MAX = 2**63 - 1
 
@@ -71,47 +73,53 @@ def _rotate_half_source(cat: torch.fx.Node) -> tuple[torch.fx.Node, int] | None:
     return source, half
 
 
-def roll_rotate_half(graph: torch.fx.Graph) -> int:
+class RollRotateHalf(GraphPass):
     """Rewrite each ``rotate_half(x) * sin`` into ``roll(x, d/2) * sin'`` (see the module
     docstring). Only where every user of the rotation is such a product with a tensor of
     the same last dimension. Returns how many rotations were rewritten."""
-    signed: dict[torch.fx.Node, torch.fx.Node] = {}
-    changed = 0
-    for cat in [n for n in graph.nodes if n.op == "call_function"]:
-        found = _rotate_half_source(cat)
-        if found is None or not cat.users:
-            continue
-        source, half = found
-        products = []
-        for user in cat.users:
-            if user.target != aten.mul.Tensor or user.kwargs or len(user.args) != 2:
-                break
-            other = user.args[1] if user.args[0] is cat else user.args[0]
-            if (
-                other is cat
-                or not isinstance(other, torch.fx.Node)
-                or _last_dim(other) != 2 * half
-                or _val(other).dtype != _val(source).dtype
-            ):
-                break
-            products.append((user, other))
-        else:
-            for user, other in products:
-                if other not in signed:
-                    with graph.inserting_after(other):
-                        low = graph.call_function(aten.slice.Tensor, (other, -1, 0, half))
-                    with graph.inserting_after(low):
-                        high = graph.call_function(aten.slice.Tensor, (other, -1, half, INT64_MAX))
-                    with graph.inserting_after(high):
-                        negated = graph.call_function(aten.neg.default, (low,))
-                    with graph.inserting_after(negated):
-                        signed[other] = graph.call_function(aten.cat.default, ([negated, high], -1))
-                    signed[other].meta["val"] = _val(other)
-                with graph.inserting_before(user):
-                    rolled = graph.call_function(aten.roll.default, (source, [half], [-1]))
-                user.args = (rolled, signed[other])
-            changed += 1
-    return changed
+
+    def transform(self, graph: torch.fx.Graph) -> int:
+        signed: dict[torch.fx.Node, torch.fx.Node] = {}
+        changed = 0
+        for cat in [n for n in graph.nodes if n.op == "call_function"]:
+            found = _rotate_half_source(cat)
+            if found is None or not cat.users:
+                continue
+            source, half = found
+            products = []
+            for user in cat.users:
+                if user.target != aten.mul.Tensor or user.kwargs or len(user.args) != 2:
+                    break
+                other = user.args[1] if user.args[0] is cat else user.args[0]
+                if (
+                    other is cat
+                    or not isinstance(other, torch.fx.Node)
+                    or _last_dim(other) != 2 * half
+                    or _val(other).dtype != _val(source).dtype
+                ):
+                    break
+                products.append((user, other))
+            else:
+                for user, other in products:
+                    if other not in signed:
+                        with graph.inserting_after(other):
+                            low = graph.call_function(aten.slice.Tensor, (other, -1, 0, half))
+                        with graph.inserting_after(low):
+                            high = graph.call_function(
+                                aten.slice.Tensor, (other, -1, half, INT64_MAX)
+                            )
+                        with graph.inserting_after(high):
+                            negated = graph.call_function(aten.neg.default, (low,))
+                        with graph.inserting_after(negated):
+                            signed[other] = graph.call_function(
+                                aten.cat.default, ([negated, high], -1)
+                            )
+                        signed[other].meta["val"] = _val(other)
+                    with graph.inserting_before(user):
+                        rolled = graph.call_function(aten.roll.default, (source, [half], [-1]))
+                    user.args = (rolled, signed[other])
+                changed += 1
+        return changed
 
 
-__all__ = ["roll_rotate_half"]
+__all__ = ["RollRotateHalf"]

@@ -19,7 +19,9 @@ from adaption_fx.passes.activation_checkpoint import (
     checkpointed_regions,
     decoder_layer_regions,
 )
-from adaption_fx.passes.recompute import find_gated_activations, recompute_gated_activations
+from adaption_fx.passes.graph_copy import copy_sharing_weights
+from adaption_fx.passes.infra import run_passes
+from adaption_fx.passes.recompute import RecomputeGatedActivations, find_gated_activations
 
 
 def _adapted(builder, layers: int = 2, gate: str = "scalar"):
@@ -152,7 +154,7 @@ def test_gated_activation_recompute_is_bit_identical_and_saves_less(builder):
     model = _adapted(builder, layers=4)
     graph = model.adaption_graph().graph_module
     assert len(find_gated_activations(graph.graph)) == 4  # one SwiGLU per decoder layer
-    recomputed = recompute_gated_activations(graph)
+    recomputed = run_passes(copy_sharing_weights(graph), [RecomputeGatedActivations()]).graph_module
     assert not find_gated_activations(recomputed.graph)
     ids, mask = padded_batch()
     flat = model.captured.bind((), {"input_ids": ids, "attention_mask": mask})

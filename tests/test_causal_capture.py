@@ -32,10 +32,12 @@ def _graph_calls(model):
     runs, see adaption_fx.model.eager)."""
     from adaption_fx.model.eager import eager_graph
 
-    key = model._adapter_structure[model.active_adapter]
     calls = {"masked": 0, "causal": 0}
     hooks = []
-    for kind, graph in (("masked", model._graphs[key]), ("causal", model._causal_graphs[key])):
+    for kind, graph in (
+        ("masked", model.adaption_graph()),
+        ("causal", model.adaption_graph(causal=True)),
+    ):
         with torch.enable_grad():
             forms = {graph.graph_module, eager_graph(graph.graph_module)}
         for form in forms:
@@ -87,10 +89,9 @@ def test_causal_graph_equals_masked_graph(llama_pair):
     _, model = llama_pair
     ids = torch.randint(0, 96, (3, 11), generator=torch.Generator().manual_seed(0))
     ones = torch.ones_like(ids)
-    key = model._adapter_structure[model.active_adapter]
     tensors = model.adapter_tensors()
     masked_flat = model.captured.bind((), {"input_ids": ids, "attention_mask": ones})
-    masked = model._graphs[key].graph_module(*masked_flat, *tensors)[0]
+    masked = model.adaption_graph().graph_module(*masked_flat, *tensors)[0]
     causal = model(input_ids=ids).logits
     assert_rel_close(causal, masked, 1e-5)
 

@@ -129,12 +129,12 @@ def test_compiled_generation_equals_eager_and_compiles_a_bounded_number_of_times
 
 
 def test_unfused_adapter_attention_computes_the_same_function():
-    from adaption_fx.passes.unfuse import unfuse_adapter_attention
+    from adaption_fx.export.compile import unfused_for_inductor
 
     model = rewrite(tiny_mistral(), AdaptionConfig(adapter_len=3, adapter_layers=2))
     randomize_adapter(model, seed=8)
     graph = model.adaption_graph()
-    unfused = unfuse_adapter_attention(graph.graph_module)
+    unfused = unfused_for_inductor(graph.graph_module)
     sdpa = torch.ops.aten.scaled_dot_product_attention.default
 
     def count(gm):
@@ -143,7 +143,7 @@ def test_unfused_adapter_attention_computes_the_same_function():
     assert count(graph.graph_module) == 4 + 2 and count(unfused) == 4  # the layers' own stay
     for name, param in unfused.named_parameters():
         assert param is graph.graph_module.get_parameter(name)
-    assert unfuse_adapter_attention(model.base_graph_module) is model.base_graph_module
+    assert unfused_for_inductor(model.base_graph_module) is model.base_graph_module
     ids, mask = padded_batch()
     flat = model.captured.bind((), {"input_ids": ids, "attention_mask": mask})
     tensors = model.adapter_tensors()
@@ -161,9 +161,9 @@ def test_inductor_graphs_are_unfused_once_and_cached(monkeypatch):
     compile_module = sys.modules["adaption_fx.export.compile"]
     model = _model_with_two_adapters()
     seen = []
-    real = compile_module.unfuse_adapter_attention
+    real = compile_module.unfused_for_inductor
     monkeypatch.setattr(
-        compile_module, "unfuse_adapter_attention", lambda gm: seen.append(gm) or real(gm)
+        compile_module, "unfused_for_inductor", lambda gm: seen.append(gm) or real(gm)
     )
     monkeypatch.setattr(torch, "compile", lambda gm, **kwargs: gm)  # the call path only
     compiled = compile(model)

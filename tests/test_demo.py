@@ -98,6 +98,11 @@ def test_demo_runs_every_stage_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert (result.paths["adapter"] / "adapter_config.json").is_file()
     assert (result.paths["data"] / "held_out.jsonl").is_file()
     assert set(result.seconds) >= {"load model", "fine-tune", "ONNX export"}
+    summary = result.paths["summary"].read_text()
+    assert f"| base model | **{result.base_score:.0%}** |" in summary
+    assert f"{result.trainable_params:,} trainable parameters" in summary
+    assert f"**{result.adapted_score:.0%}** |" in summary
+    assert summary.count("\n| `") == len(result.shown)  # one row per shown prompt
 
 
 def test_demo_command_reports_and_fails_short_of_its_targets(tiny_model_dir, tmp_path, capsys):

@@ -574,3 +574,27 @@ def test_generation_runs_the_folded_graph(lm):
         expected = decoder(**feed)["logits"]
         got = decoder.captured.unflatten(folded(*flat, *values))["logits"]
     assert_rel_close(got, expected, 1e-6)
+
+
+def test_every_generate_takes_the_same_options():
+    # AdaptedModel.generate, OrtModel.generate and the loop state the generation options
+    # each in their own signature: this keeps the three in step (names, kinds, defaults).
+    import inspect
+
+    from adaption_fx.export.ort import OrtModel
+    from adaption_fx.generation.loop import generate as loop_generate
+    from adaption_fx.model.adapted import AdaptedModel
+
+    def options(function, drop):
+        params = inspect.signature(function).parameters.values()
+        return [(p.name, p.kind, p.default) for p in params if p.name not in drop]
+
+    loop = options(loop_generate, {"session", "max_length", "defaults"})
+    model = options(AdaptedModel.generate, {"self", "adapter_names", "_runner"})
+    ort = options(OrtModel.generate, {"self", "adapter_names"})
+    assert [name for name, _, _ in loop][:2] == ["input_ids", "attention_mask"]
+    assert model == loop
+    assert [(n, k) for n, k, _ in ort] == [(n, k) for n, k, _ in loop]
+    assert [d for n, _, d in ort if n != "attention_mask"] == [
+        d for n, _, d in loop if n != "attention_mask"
+    ]

@@ -23,14 +23,15 @@ from helpers import (
 from adaption_fx import AdaptionConfig, rewrite
 from adaption_fx.generation.loop import StepProgram, TorchSession
 from adaption_fx.passes.cleanup import (
-    drop_noop_nodes,
-    eliminate_common_subexpressions,
-    eliminate_dead_code,
-    functionalize_fresh_inplace,
+    DropNoopNodes,
+    EliminateCommonSubexpressions,
+    EliminateDeadCode,
+    FunctionalizeFreshInplace,
     is_functional,
 )
 from adaption_fx.passes.codegen import GraphFunction
 from adaption_fx.passes.hoist import hoist_invariant
+from adaption_fx.passes.infra import run_passes
 
 aten = torch.ops.aten
 CFG = AdaptionConfig(adapter_len=4, adapter_layers=2)
@@ -207,10 +208,8 @@ def test_cleanup_drops_noops_and_repeats_only():
     graph = gm.graph
     assert is_functional(graph)
     before = [n.target for n in graph.nodes if n.op == "call_function"]
-    assert drop_noop_nodes(graph) > 0
-    eliminate_common_subexpressions(graph)
-    eliminate_dead_code(graph)
-    gm.recompile()
+    result = run_passes(gm, [DropNoopNodes(), EliminateCommonSubexpressions(), EliminateDeadCode()])
+    assert result.graph_module is gm and result.modified
     after = [n.target for n in graph.nodes if n.op == "call_function"]
     assert aten._assert_tensor_metadata.default not in after
     assert aten.detach.default not in after
@@ -237,7 +236,7 @@ def test_inplace_on_fresh_tensors_becomes_out_of_place():
     graph = gm.graph
     assert not is_functional(graph)
     assert not is_functional(graph, allow_fresh_inplace=True)  # the view's mul_
-    assert functionalize_fresh_inplace(graph) == 1
+    assert FunctionalizeFreshInplace().transform(graph) == 1
     gm.recompile()
     targets = [n.target for n in graph.nodes if n.op == "call_function"]
     assert aten.add_.Tensor not in targets and aten.add.Tensor in targets
@@ -252,7 +251,7 @@ def test_inplace_on_fresh_tensors_becomes_out_of_place():
     created = promoting.call_function(aten.arange.default, (size,))
     created.meta["val"] = torch.empty(3, dtype=torch.long)
     promoting.output(promoting.call_function(aten.add_.Tensor, (created, 0.5)))
-    assert functionalize_fresh_inplace(promoting) == 0  # long + 0.5 would be a float
+    assert FunctionalizeFreshInplace().transform(promoting) == 0  # long + 0.5 would be a float
     assert not is_functional(promoting, allow_fresh_inplace=True)
 
     class OnlyFresh(torch.nn.Module):
@@ -288,7 +287,7 @@ def test_hoist_splits_invariant_work_and_codegen_runs_it():
 def test_roll_rotate_half_is_bit_exact():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from adaption_fx.passes.rotary import roll_rotate_half
+    from adaption_fx.passes.rotary import RollRotateHalf
 
     class Rotary(torch.nn.Module):
         def forward(self, q, k, cos, sin):
@@ -301,10 +300,9 @@ def test_roll_rotate_half_is_bit_exact():
     cos, sin = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
     gm = _graph(Rotary(), q, k, cos, sin)
     expected = gm(q, k, cos, sin)
-    eliminate_common_subexpressions(gm.graph)
-    assert roll_rotate_half(gm.graph) == 2
-    eliminate_dead_code(gm.graph)
-    gm.recompile()
+    EliminateCommonSubexpressions()(gm)
+    assert RollRotateHalf().transform(gm.graph) == 2
+    run_passes(gm, [EliminateDeadCode()])
     targets = [n.target for n in gm.graph.nodes]
     assert targets.count(aten.roll.default) == 2
     assert targets.count(aten.neg.default) == 1  # of sin, once

@@ -15,11 +15,12 @@ from torch._dynamo._trace_wrapped_higher_order_op import TransformGetItemToIndex
 from adaption_fx.capture.export_model import capture
 from adaption_fx.capture.hf_compat import vmap_free_masks
 from adaption_fx.passes.errors import UnsupportedGraphError
+from adaption_fx.passes.infra import run_passes
 from adaption_fx.passes.normalize import (
+    InlineWrappedRegions,
+    LowerVmapRegions,
     check_normalized,
-    inline_wrapped_regions,
     leftover_nodes,
-    lower_vmap_regions,
 )
 
 
@@ -80,7 +81,7 @@ def test_vmap_region_is_lowered_to_aten_and_computes_the_same():
     x, keep = _vmap_inputs()
     gm = _export_module(module, x, keep)
     assert leftover_nodes(gm), "export should have kept the vmap calls"
-    assert lower_vmap_regions(gm) == 1
+    assert run_passes(gm, [LowerVmapRegions()]).modified
     assert leftover_nodes(gm) == []
     check_normalized(gm)
     assert all(
@@ -117,7 +118,7 @@ def test_no_grad_and_disabled_autocast_regions_are_inlined():
     gm = _export_module(module, x)
     hops = [n for n in gm.graph.nodes if isinstance(n.target, torch._ops.HigherOrderOperator)]
     assert hops, "export should have kept the no_grad region as a higher-order op"
-    assert inline_wrapped_regions(gm) >= 1
+    assert run_passes(gm, [InlineWrappedRegions()]).modified
     assert leftover_nodes(gm) == []
     assert not any(n.op == "get_attr" and n.target.startswith("submod") for n in gm.graph.nodes)
     x = torch.randn(3, 4, 8, requires_grad=True)

@@ -14,7 +14,7 @@ from adaption_fx import AdaptionConfig, rewrite
 from adaption_fx.capture.export_model import capture
 from adaption_fx.capture.repeated import ENV_SWITCH, find_repeated_layers, first_layer_only
 from adaption_fx.passes.graph_copy import shares_weights
-from adaption_fx.passes.replicate import ReplicationError, layer_region, replicate_layer
+from adaption_fx.passes.replicate import ReplicateLayer, ReplicationError, layer_region
 
 
 @pytest.fixture(autouse=True)
@@ -160,7 +160,7 @@ def test_replicate_layer_refuses_a_graph_without_the_layer():
     with pytest.raises(ReplicationError, match=r"model\.layers\.0"):
         layer_region(graph, "model.layers.0")
     with pytest.raises(ValueError, match="must start with"):
-        replicate_layer(graph, "model.layers.0", ["model.layers.1"])
+        ReplicateLayer("model.layers.0", ["model.layers.1"]).transform(graph)
 
 
 def test_paused_gc_restores_the_collector():

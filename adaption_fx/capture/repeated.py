@@ -35,7 +35,7 @@ import torch.utils._pytree as pytree
 from adaption_fx.capture.captured import CapturedModel
 from adaption_fx.passes.graph_copy import copy_flat_graph, graph_module_sharing, owner_at
 from adaption_fx.passes.locate import within
-from adaption_fx.passes.replicate import replicate_layer
+from adaption_fx.passes.replicate import ReplicateLayer
 
 logger = logging.getLogger(__name__)
 
@@ -186,11 +186,11 @@ def grow_capture(
     """The capture of the whole model, grown from ``one``, the capture of its first layer.
 
     ``per_layer_inputs`` names each layer's own graph inputs (see
-    ``passes.replicate.replicate_layer``); ``in_spec`` / ``out_spec`` replace the one-layer
+    ``passes.replicate.ReplicateLayer``); ``in_spec`` / ``out_spec`` replace the one-layer
     structures where the inputs or outputs depend on the layer count.
     """
     graph, _ = copy_flat_graph(one.graph_module)  # a graph of its own: lint checks attributes
-    replicate_layer(graph, layers.paths[0], list(layers.paths), per_layer_inputs)
+    ReplicateLayer(layers.paths[0], list(layers.paths), per_layer_inputs).transform(graph)
     gm = graph_module_sharing(
         _root(graph, model, one.graph_module, layers), graph, "BaseGraphModule"
     )

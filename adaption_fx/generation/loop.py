@@ -24,26 +24,15 @@ import torch.utils._pytree as pytree
 from adaption_fx.capture.captured import CapturedModel
 from adaption_fx.capture.decode import CacheLayout
 from adaption_fx.capture.gc_pause import paused_gc
+from adaption_fx.capture.variants import graph_variant
 from adaption_fx.checks import check_int
 from adaption_fx.generation.options import MODEL_DEFAULT, EosTokenIds, ModelDefault
-from adaption_fx.passes.cleanup import (
-    drop_noop_nodes,
-    eliminate_common_subexpressions,
-    eliminate_dead_code,
-    functionalize_fresh_inplace,
-    is_functional,
-)
+from adaption_fx.passes.cleanup import EliminateDeadCode, is_functional
 from adaption_fx.passes.codegen import GraphFunction
-from adaption_fx.passes.fast_attention import (
-    drop_attention_masks,
-    float_attention_masks,
-    native_gqa,
-    pack_single_query,
-    serial_adapter_attention,
-)
+from adaption_fx.passes.decode_step import decode_step_passes
 from adaption_fx.passes.graph_copy import copy_flat_graph
 from adaption_fx.passes.hoist import hoist_invariant
-from adaption_fx.passes.rotary import roll_rotate_half
+from adaption_fx.passes.infra import PassNotApplicable, graph_module_over, run_passes
 from adaption_fx.passes.site import AttentionSite
 
 logger = logging.getLogger(__name__)
@@ -117,16 +106,10 @@ class DecodeSession(Protocol):
 class StepProgram:
     """The folded decode step, prepared for one eager call per token.
 
-    The graph torch.export captured is rewritten (see ``adaption_fx.passes.cleanup``,
-    ``adaption_fx.passes.fast_attention`` and ``adaption_fx.passes.rotary``) into one
-    variant per kind of step:
-
-    - ``"decode"``: one new token, no padding: attention without a mask, as transformers
-      runs it eagerly;
-    - ``"prefill"``: no past, no padding: attention with ``is_causal`` and no mask;
-    - ``"decode_masked"``: one new token, padded rows: the query heads packed per key/value
-      head (transformers' ``pack_gqa``), the mask converted to float once per step;
-    - ``"masked"``: anything else (the graph's own masked attention, mask converted once).
+    The graph torch.export captured is rewritten into one variant per kind of step
+    (``"decode"``, ``"prefill"``, ``"decode_masked"``, ``"masked"``), each by its own list
+    of passes (:func:`adaption_fx.passes.decode_step.decode_step_passes`) run by
+    :func:`adaption_fx.passes.infra.run_passes`.
 
     Each variant's adapter-only values are hoisted into a prologue that runs once per
     session (:func:`adaption_fx.passes.hoist.hoist_invariant`), and both parts are compiled
@@ -138,7 +121,7 @@ class StepProgram:
     FALLBACK: ClassVar[dict[str, str]] = {"decode": "decode_masked", "prefill": "masked"}
 
     def __init__(self, graph_module: torch.fx.GraphModule, captured: Any, layout: Any):
-        # Weakly: programs are kept in a WeakKeyDictionary keyed by this graph module.
+        # Weakly: a program is kept with this graph module (capture.variants).
         self._graph_module = weakref.ref(graph_module)
         placeholders = [n for n in graph_module.graph.nodes if n.op == "placeholder"]
         n_model = captured.in_spec.num_leaves
@@ -169,26 +152,18 @@ class StepProgram:
         if graph_module is None:
             return None
         graph, _ = copy_flat_graph(graph_module)
-        functionalize_fresh_inplace(graph)
-        drop_noop_nodes(graph)
-        native_gqa(graph)
-        if kind in ("decode", "prefill"):
-            mask_input = self.model_placeholders["attention_mask"]
-            if not drop_attention_masks(
-                graph, is_causal=kind == "prefill", attention_mask=mask_input
-            ):
-                return None
-        if kind == "decode_masked":
-            pack_single_query(graph)  # reads the boolean mask: before the conversion
-        if kind in ("decode_masked", "masked"):
-            float_attention_masks(graph)
-        serial_adapter_attention(graph)
-        eliminate_common_subexpressions(graph)  # one sin for all layers: before the roll
-        roll_rotate_half(graph)
-        eliminate_dead_code(graph)
+        mask_input = self.model_placeholders["attention_mask"]
+        try:
+            result = run_passes(
+                graph_module_over(graph_module, graph), decode_step_passes(kind, mask_input)
+            )
+        except PassNotApplicable as exc:
+            logger.debug("no %s decode step: %s", kind, exc)
+            return None
+        graph = result.graph_module.graph
         split = hoist_invariant(graph, self.invariant)
         main = split.main
-        eliminate_dead_code(main)
+        EliminateDeadCode().transform(main)
         # Inputs in the session's order (input_ids, attention_mask, position_ids, past...),
         # then the hoisted values; outputs as (logits, (present...)).
         by_name = {n.name: n for n in main.nodes if n.op == "placeholder"}
@@ -206,7 +181,7 @@ class StepProgram:
             (flat_out[self.logits_index], tuple(flat_out[i] for i in self.present_indices)),
         )
         main.lint()
-        eliminate_dead_code(split.prologue)
+        EliminateDeadCode().transform(split.prologue)
         return GraphFunction(split.prologue, "prologue"), GraphFunction(main, f"step_{kind}")
 
     def functions(self, kind: str) -> tuple[GraphFunction, GraphFunction] | None:
@@ -223,19 +198,17 @@ class StepProgram:
         return self._built[kind]
 
 
-_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def _step_program(graph_module: torch.fx.GraphModule, captured: Any, layout: Any):
-    program = _PROGRAMS.get(graph_module)
-    if program is None:
+    """The graph module's step program (kept with it), or None where it runs as captured."""
+
+    def build() -> StepProgram | bool:
         try:
-            program = StepProgram(graph_module, captured, layout)
+            return StepProgram(graph_module, captured, layout)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             logger.info("decode step runs through its GraphModule: %s", exc)
-            program = False
-        _PROGRAMS[graph_module] = program
-    return program or None
+            return False
+
+    return graph_variant(graph_module, ("step_program",), build) or None
 
 
 class DecodeStepModel(Protocol):
@@ -479,6 +452,8 @@ def check_sampling(do_sample: Any, temperature: Any, top_k: Any, top_p: Any, see
         check_int("seed", seed, 0)
 
 
+# AdaptedModel.generate and OrtModel.generate restate these options in their own
+# signatures (for help() and type checkers); tests/test_generate.py keeps the three in step.
 @torch.no_grad()
 def generate(
     session: DecodeSession,

@@ -13,6 +13,7 @@ import torch
 import torch.fx
 
 from adaption_fx import checkpoint as ckpt
+from adaption_fx.capture.decode import CacheLayout, capture_decode
 from adaption_fx.capture.export_model import CapturedModel
 from adaption_fx.capture.gc_pause import paused_gc
 from adaption_fx.config import AdaptionConfig
@@ -20,6 +21,7 @@ from adaption_fx.generation.loop import TorchSession, generation_defaults
 from adaption_fx.generation.loop import generate as generate_tokens
 from adaption_fx.generation.options import MODEL_DEFAULT, EosTokenIds, ModelDefault
 from adaption_fx.model.eager import GradientCheckpointing, eager_graph
+from adaption_fx.model.graph_store import GraphStore, StructureGraphs, StructureKey
 from adaption_fx.model.hf_api import HuggingFaceModelAPI, signed_forward, with_causal_lm_loss
 from adaption_fx.model.mixed import (
     BASE_ADAPTER,
@@ -29,26 +31,13 @@ from adaption_fx.model.mixed import (
     check_adapter_names,
     union_sites,
 )
-from adaption_fx.passes.errors import AttentionNotFoundError, UnsupportedGraphError
-from adaption_fx.passes.fold import adapter_projection, fold_adapter_kv
 from adaption_fx.passes.graph_copy import owner_at
-from adaption_fx.passes.insert import (
-    AdaptionGraph,
-    adapter_tensor_shapes,
-    insert_adaption_prompt,
-)
-from adaption_fx.passes.locate import locate_attention, select_top_sites
-from adaption_fx.passes.mixed_batch import MixedGraph, insert_mixed_adapters
+from adaption_fx.passes.insert import AdaptionGraph, adapter_tensor_shapes
+from adaption_fx.passes.locate import locate_attention
+from adaption_fx.passes.mixed_batch import MixedGraph
 from adaption_fx.passes.site import AttentionSite
 
 logger = logging.getLogger(__name__)
-
-# A rewritten graph depends only on these; adapters that agree on them share one graph.
-StructureKey = tuple[int, tuple[int, ...], str, str]
-
-
-def structure_key(config: AdaptionConfig, sites: list[AttentionSite]) -> StructureKey:
-    return (config.adapter_len, tuple(s.index for s in sites), config.gate, config.gate_activation)
 
 
 class AdapterWeights(torch.nn.Module):
@@ -103,31 +92,6 @@ def check_adapter_name(name: object) -> None:
         )
 
 
-class _Graphs(NamedTuple):
-    """One adapter structure's rewritten graphs: of the masked capture, and of the
-    mask-free causal capture where the model has one."""
-
-    masked: AdaptionGraph
-    causal: AdaptionGraph | None
-
-
-def _matching_sites(
-    captured: CapturedModel | None, sites: list[AttentionSite]
-) -> list[AttentionSite] | None:
-    """The causal capture's attention sites, if they are the masked capture's one for one."""
-    if captured is None:
-        return None
-    try:
-        found = locate_attention(captured.graph_module)
-    except (UnsupportedGraphError, AttentionNotFoundError) as exc:
-        logger.info("not using the mask-free causal capture: %s", exc)
-        return None
-    if [s.module_path for s in found] != [s.module_path for s in sites]:
-        logger.info("not using the mask-free causal capture: its attention sites differ")
-        return None
-    return found
-
-
 def _batch_size(flat: list[Any]) -> int:
     """Rows of a batch: the leading size of the first tensor input."""
     for value in flat:
@@ -154,7 +118,12 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
     :mod:`adaption_fx.model.mixed`).
     """
 
-    def __init__(self, captured: CapturedModel, sites: list[AttentionSite]):
+    def __init__(
+        self,
+        captured: CapturedModel,
+        sites: list[AttentionSite],
+        source: torch.nn.Module | None = None,
+    ):
         super().__init__()
         self._captured = captured
         self._sites = list(sites)
@@ -162,28 +131,15 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         self.adapter_weights = torch.nn.ModuleDict()
         self._configs: dict[str, AdaptionConfig] = {}
         self._adapter_structure: dict[str, StructureKey] = {}
-        self._graphs: dict[StructureKey, AdaptionGraph] = {}
         self._active: str | None = None
         self._enabled = True
-        # The mask-free causal capture (see CapturedModel.causal) and its rewritten graphs,
-        # built alongside the masked ones so that both always hold the same adapters.
-        self._causal_sites = _matching_sites(captured.causal, self._sites)
-        self._causal_graphs: dict[StructureKey, AdaptionGraph] = {}
-        # The source module (for capturing the decode step on first use) and that capture's
-        # own AdaptedModel. Plain attributes: neither is a submodule of this one.
-        object.__setattr__(self, "_source", None)
-        object.__setattr__(self, "_decoder", None)
-        # Per adapter structure: the folded graph and its input names (inference).
-        self._folded: dict[StructureKey, tuple[Any, ...]] = {}
+        # Every graph this model runs, the decode-step twin's included (see graph_store).
+        self._store = GraphStore(captured, self._sites)
+        # The source module (for capturing the decode step on first use and for the
+        # Hugging Face attributes). A plain attribute: not a submodule of this one.
+        object.__setattr__(self, "_source", source)
         # Set by gradient_checkpointing_enable: which layers the training twin recomputes.
         self._checkpointing: GradientCheckpointing | None = None
-        # Mixed batches (adapter_names=[...]): per capture (causal or not), the mixed graph
-        # of the sites the adapters adapt; the adapter table and the adapters' state it was
-        # built from. Per adapter structure, the adapter projection (prompts and gates to
-        # folded tensors) that the folded graphs and the table both use.
-        self._mixed: dict[bool, tuple[tuple[str, ...], MixedGraph]] = {}
-        self._table: tuple[tuple[Any, ...], AdapterTable] | None = None
-        self._projections: dict[StructureKey, tuple[torch.fx.GraphModule, tuple[str, ...]]] = {}
 
     # ----------------------------------------------------------------- inspection
     @property
@@ -203,7 +159,20 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
 
     @property
     def adapters_enabled(self) -> bool:
+        """Whether forward runs the active adapter (False inside :meth:`disable_adapter`)."""
         return self._enabled
+
+    @property
+    def graph_store(self) -> GraphStore:
+        """Every graph this model runs (see :mod:`adaption_fx.model.graph_store`); for
+        inspection: adapters are managed through this model's methods."""
+        return self._store
+
+    @property
+    def source_model(self) -> torch.nn.Module | None:
+        """The model ``rewrite`` captured, when it was an ``nn.Module`` (generation captures
+        its decode step; the Hugging Face attributes read its config), else None."""
+        return self.__dict__["_source"]
 
     def adapted_sites(self, adapter_name: str | None = None) -> list[AttentionSite]:
         """The sites an adapter modifies (the active adapter by default)."""
@@ -248,11 +217,11 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
 
     def _prepare(
         self, config: AdaptionConfig, generator: torch.Generator | None = None
-    ) -> tuple[AdaptionConfig, StructureKey, _Graphs, AdapterWeights]:
+    ) -> tuple[AdaptionConfig, StructureKey, StructureGraphs, AdapterWeights]:
         """Everything an adapter needs, built without touching the model's state."""
         if not isinstance(config, AdaptionConfig):
             raise TypeError(f"config must be an AdaptionConfig, got {type(config).__name__}")
-        selected, key, graphs = self._structure_graphs(config)
+        selected, key, graphs = self._store.build(config)
         weight = self.base_graph_module.get_parameter(selected[0].key_projection.weight)
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         weights = AdapterWeights(
@@ -260,43 +229,22 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         )
         return config, key, graphs, weights
 
-    def _structure_graphs(
-        self, config: AdaptionConfig
-    ) -> tuple[list[AttentionSite], StructureKey, _Graphs]:
-        """The sites ``config`` adapts, its structure key, and its rewritten graphs (the
-        ones already built for that structure, else new ones)."""
-        selected = select_top_sites(self._sites, config.adapter_layers)
-        key = structure_key(config, selected)
-        graph = self._graphs.get(key)
-        if graph is None:
-            graph = insert_adaption_prompt(self.base_graph_module, selected, config.structure)
-            logger.info("built rewritten graph for %s (%d sites)", key, len(selected))
-        causal = self._causal_graphs.get(key)
-        if causal is None and self._causal_sites is not None:
-            causal_selected = select_top_sites(self._causal_sites, config.adapter_layers)
-            causal = insert_adaption_prompt(
-                self._captured.causal.graph_module, causal_selected, config.structure
-            )
-        return selected, key, _Graphs(graph, causal)
-
     def _commit(
         self,
         name: str,
         config: AdaptionConfig,
         key: StructureKey,
-        graphs: _Graphs,
+        graphs: StructureGraphs,
         weights: AdapterWeights,
     ) -> None:
         """Install a prepared adapter under ``name``, replacing one of that name if any."""
         old_key = self._adapter_structure.get(name)
-        self._graphs[key] = graphs.masked
-        if graphs.causal is not None:
-            self._causal_graphs[key] = graphs.causal
+        self._store.install(key, graphs)
         self.adapter_weights[name] = weights
         self._configs[name] = config
         self._adapter_structure[name] = key
         if old_key is not None and old_key not in self._adapter_structure.values():
-            self._drop_graphs(old_key)
+            self._store.drop(old_key)
         if self._active is None:
             self._active = name
         self._mark_trainable()
@@ -305,8 +253,6 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         """As PEFT's set_adapter: the active adapter's tensors train (requires_grad=True),
         every other adapter's are frozen, so an optimizer built from the parameters that
         require grad (Hugging Face's Trainer builds one so) holds the active adapter only."""
-        if "_parent" in self.__dict__:
-            return  # a decode-step twin shares its parent's tensors: the parent decides
         for name, weights in self.adapter_weights.items():
             weights.requires_grad_(name == self._active)
 
@@ -326,7 +272,7 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         del self._configs[name]
         del self.adapter_weights[name]
         if key not in self._adapter_structure.values():
-            self._drop_graphs(key)
+            self._store.drop(key)
         if self._active == name:
             self._active = next(iter(self._configs), None)
             self._mark_trainable()
@@ -348,24 +294,6 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
             yield
         finally:
             self._enabled = was_enabled
-
-    def _attach(self, name: str, config: AdaptionConfig, weights: AdapterWeights) -> None:
-        """Add an adapter whose tensors live in another model (the decode step's twin)."""
-        _, key, graphs = self._structure_graphs(config)
-        needed = set(graphs.masked.adapter_inputs)
-        keys = set(dict(weights.named_parameters()))
-        if needed != keys:
-            raise RuntimeError(
-                f"adapter {name!r}: the decode-step graph needs tensors "
-                f"{sorted(needed)[:4]}..., the adapter has {sorted(keys)[:4]}..."
-            )
-        self._commit(name, config, key, graphs, weights)
-
-    def _drop_graphs(self, key: StructureKey) -> None:
-        del self._graphs[key]
-        self._folded.pop(key, None)
-        self._projections.pop(key, None)
-        self._causal_graphs.pop(key, None)
 
     def _resolve(self, adapter_name: str | None) -> str:
         name = self._active if adapter_name is None else adapter_name
@@ -422,15 +350,7 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         capture), the folded inference graphs and the capture's reference weight. For
         sharding the base (``adaption_fx.training.sharded``), where no full copy may stay alive."""
         object.__setattr__(self, "_source", None)
-        object.__setattr__(self, "_decoder", None)
-        self._captured.reference_weight = None
-        self._captured.causal = None
-        self._causal_sites = None
-        self._causal_graphs.clear()
-        self._folded.clear()
-        self._mixed.clear()
-        self._table = None
-        self._projections.clear()
+        self._store.release_base_holders()
 
     # ----------------------------------------------------------------- checkpointing
     def gradient_checkpointing_enable(
@@ -477,9 +397,6 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         a graph executes (eagerly, or compiled: see ``adaption_fx.export.compile``).
         ``kwargs`` may hold ``adapter_names`` (see :meth:`forward`).
         """
-        parent = self.__dict__.get("_parent")
-        if parent is not None:  # a decode-step twin runs its parent's adapter state
-            parent._sync(self)
         captured = self._captured
         captured.check_placement()
         adapter_names = kwargs.pop("adapter_names", None)
@@ -510,8 +427,7 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
             outputs = runner(base)(*flat)
         else:
             if causal_flat is not None:
-                key = self._adapter_structure[self._active]
-                graph = self._causal_graphs[key]
+                graph = self.adaption_graph(causal=True)
             tensors = self.adapter_weights[self._active].tensors(graph.adapter_inputs)
             outputs = runner(graph.graph_module)(*flat, *tensors)
         result = captured.unflatten(outputs)
@@ -530,17 +446,7 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         graph = self._active_graph()
         if graph is None:
             return self.base_graph_module, []
-        key = self._adapter_structure[self._active]
-        cached = self._folded.get(key)
-        if cached is None:
-            folded = fold_adapter_kv(graph, self.adapter_tensors(), as_inputs=True)
-            cached = (folded.graph_module, folded.adapter_inputs)
-            self._folded[key] = cached
-        folded_gm, inputs = cached
-        projection, names = self._adapter_projection(key)
-        with torch.no_grad():
-            values = dict(zip(names, projection(*self.adapter_tensors()), strict=True))
-        return folded_gm, [values[name].detach() for name in inputs]
+        return self._store.folded(self._adapter_structure[self._active], self.adapter_tensors())
 
     # ----------------------------------------------------------------- mixed batches
     def mixed_graph(self, causal: bool = False) -> MixedGraph:
@@ -550,21 +456,9 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         first use and again when the adapted sites change."""
         if not self._configs:
             raise ValueError("a mixed batch needs at least one adapter; there are none")
-        if causal:
-            if self._causal_sites is None:
-                raise ValueError("this model has no mask-free causal capture")
-            sites, gm = self._causal_sites, self._captured.causal.graph_module
-        else:
-            sites, gm = self._sites, self.base_graph_module
         adapted = [self.adapted_sites(name) for name in self._configs]
         paths = tuple(s.module_path for s in union_sites(self._sites, adapted))
-        cached = self._mixed.get(causal)
-        if cached is None or cached[0] != paths:
-            selected = [s for s in sites if s.module_path in paths]
-            cached = (paths, insert_mixed_adapters(gm, selected))
-            self._mixed[causal] = cached
-            logger.info("built the mixed-batch graph for %d sites", len(selected))
-        return cached[1]
+        return self._store.mixed(paths, causal=causal)
 
     def adapter_table(self) -> AdapterTable:
         """Every adapter's folded keys, values and gates, stacked for :meth:`mixed_graph`
@@ -579,11 +473,12 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
             )
             for name, weights in self.adapter_weights.items()
         )
-        if self._table is not None and self._table[0] == state:
-            return self._table[1]
+        return self._store.table(state, self._build_table)
+
+    def _build_table(self) -> AdapterTable:
         entries = {}
         for name, config in self._configs.items():
-            projection, names = self._adapter_projection(self._adapter_structure[name])
+            projection, names = self._store.projection(self._adapter_structure[name])
             with torch.no_grad():
                 values = projection(*self.adapter_tensors(name))
             # detach: an identity gate activation passes the gate parameter itself through.
@@ -592,20 +487,7 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         sites = self.mixed_graph().sites
         reference = next(iter(entries.values())).values
         sample = next(iter(reference.values()))
-        table = build_adapter_table(sites, entries, dtype=sample.dtype, device=sample.device)
-        self._table = (state, table)
-        return table
-
-    def _adapter_projection(
-        self, key: StructureKey
-    ) -> tuple[torch.fx.GraphModule, tuple[str, ...]]:
-        """A structure's adapter projection (prompts and gates to folded tensors), built
-        once: the folded decode step and the mixed-batch table both read it."""
-        cached = self._projections.get(key)
-        if cached is None:
-            cached = adapter_projection(self._graphs[key])
-            self._projections[key] = cached
-        return cached
+        return build_adapter_table(sites, entries, dtype=sample.dtype, device=sample.device)
 
     def mixed_inference_graph(
         self, adapter_names: list[str], causal: bool = False
@@ -620,10 +502,14 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         rows = table.rows(adapter_names)
         return mixed.graph_module, table.inputs(mixed.table_inputs, rows)
 
-    def adaption_graph(self, adapter_name: str | None = None) -> AdaptionGraph:
-        """The rewritten graph an adapter runs (the active adapter's by default)."""
+    def adaption_graph(
+        self, adapter_name: str | None = None, *, causal: bool = False
+    ) -> AdaptionGraph:
+        """The rewritten graph an adapter runs (the active adapter's by default): of the
+        masked capture, or with ``causal`` of the mask-free causal capture (what forward
+        runs for unpadded input where the model has one; ValueError where it has none)."""
         name = self._resolve(adapter_name)
-        return self._graphs[self._adapter_structure[name]]
+        return self._store.rewritten(self._adapter_structure[name], causal=causal)
 
     def adapter_tensors(self, adapter_name: str | None = None) -> list[torch.Tensor]:
         """An adapter's tensors in its graph's adapter-input order."""
@@ -632,27 +518,21 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
 
     # ----------------------------------------------------------------- generation
     @paused_gc()
-    def decoder(self, max_length: int | None = None) -> AdaptedModel:
+    def decoder(self, max_length: int | None = None) -> DecodeStepTwin:
         """The decode-step twin of this model, in sync with its adapters.
 
         On first use the source model's decode step is captured (see
-        :mod:`adaption_fx.capture.decode`) and the adaption pass applied to it. The twin shares
-        this model's base weights and adapter tensors (the same objects) and, on every
-        call, follows its adapters, active adapter and enable/disable state. Its inputs
-        are ``input_ids``, ``attention_mask``, ``position_ids`` and ``past_<i>_key`` /
-        ``past_<i>_value``; its output a dict of ``logits`` (last token) and
-        ``present_<i>_key`` / ``present_<i>_value``.
+        :mod:`adaption_fx.capture.decode`) and the adaption pass applied to it; the twin is
+        kept in this model's graph store. See :class:`DecodeStepTwin`.
 
         Args:
             max_length: the longest prompt + generated length to allow (default: the
                 model's ``max_position_embeddings``, else 2048). A different value than the
                 current twin's recaptures.
         """
-        from adaption_fx.capture.decode import capture_decode
-
-        decoder = self._decoder
+        decoder = self._store.decode_twin()
         if decoder is None or (max_length is not None and max_length != decoder.max_length):
-            source = self._source
+            source = self.source_model
             if source is None:
                 raise TypeError(
                     "generation needs the source nn.Module (a Hugging Face causal LM passed "
@@ -670,27 +550,10 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
                     f"{[s.module_path for s in sites]}, the model at "
                     f"{[s.module_path for s in self._sites]}"
                 )
-            decoder = AdaptedModel(decode.captured, sites)
-            decoder.max_length = decode.max_length
-            decoder.cache_layout = decode.layout
-            object.__setattr__(decoder, "_parent", self)
-            object.__setattr__(self, "_decoder", decoder)
-        self._sync(decoder)
+            decoder = DecodeStepTwin(self, decode.captured, sites, decode.max_length, decode.layout)
+            self._store.set_decode_twin(decoder)
+        decoder.follow_parent()
         return decoder
-
-    def _sync(self, decoder: AdaptedModel) -> None:
-        for name in list(decoder._configs):
-            if (
-                name not in self._configs
-                or decoder._configs[name] != self._configs[name]
-                or decoder.adapter_weights[name] is not self.adapter_weights[name]
-            ):
-                decoder.delete_adapter(name)
-        for name, config in self._configs.items():
-            if name not in decoder._configs:
-                decoder._attach(name, config, self.adapter_weights[name])
-        decoder._active = self._active
-        decoder._enabled = self._enabled
 
     def generate(
         self,
@@ -757,7 +620,7 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         ``adaption_fx.generation.loop.generation_defaults``),
         read on every call so that changes to its ``generation_config`` apply; (None, None)
         without a source model."""
-        return generation_defaults(self._source)
+        return generation_defaults(self.source_model)
 
     @property
     def captured(self) -> CapturedModel:
@@ -899,3 +762,72 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
     def extra_repr(self) -> str:
         active = self._active if self._enabled else f"{self._active} (disabled)"
         return f"sites={len(self._sites)}, adapters={list(self._configs)}, active={active}"
+
+
+class DecodeStepTwin(AdaptedModel):
+    """The decode-step capture of an :class:`AdaptedModel`, running its parent's adapters.
+
+    Built by :meth:`AdaptedModel.decoder`. It shares the parent's base weights and adapter
+    tensors (the same objects) and, before every run, follows the parent's adapters,
+    active adapter and enable/disable state (:meth:`follow_parent`); which tensors train is
+    the parent's to decide. Its inputs are ``input_ids``, ``attention_mask``,
+    ``position_ids`` and ``past_<i>_key`` / ``past_<i>_value``; its output a dict of
+    ``logits`` (last token) and ``present_<i>_key`` / ``present_<i>_value``.
+
+    Attributes:
+        parent: the model whose adapters it runs.
+        max_length: the longest prompt + generated length the capture allows.
+        cache_layout: the key/value cache's inputs and outputs
+            (:class:`adaption_fx.capture.decode.CacheLayout`).
+    """
+
+    def __init__(
+        self,
+        parent: AdaptedModel,
+        captured: CapturedModel,
+        sites: list[AttentionSite],
+        max_length: int,
+        cache_layout: CacheLayout,
+    ):
+        super().__init__(captured, sites)
+        # A plain attribute: the parent is not a submodule of its twin.
+        object.__setattr__(self, "parent", parent)
+        self.max_length = max_length
+        self.cache_layout = cache_layout
+
+    def follow_parent(self) -> None:
+        """Take the parent's adapters (the same tensor objects), active adapter and
+        enable/disable state."""
+        parent = self.parent
+        for name in list(self._configs):
+            if (
+                name not in parent._configs
+                or self._configs[name] != parent._configs[name]
+                or self.adapter_weights[name] is not parent.adapter_weights[name]
+            ):
+                self.delete_adapter(name)
+        for name, config in parent._configs.items():
+            if name not in self._configs:
+                self._attach(name, config, parent.adapter_weights[name])
+        self._active = parent._active
+        self._enabled = parent._enabled
+
+    def _attach(self, name: str, config: AdaptionConfig, weights: AdapterWeights) -> None:
+        """Add an adapter whose tensors are the parent's."""
+        _, key, graphs = self._store.build(config)
+        needed = set(graphs.masked.adapter_inputs)
+        keys = set(dict(weights.named_parameters()))
+        if needed != keys:
+            raise RuntimeError(
+                f"adapter {name!r}: the decode-step graph needs tensors "
+                f"{sorted(needed)[:4]}..., the adapter has {sorted(keys)[:4]}..."
+            )
+        self._commit(name, config, key, graphs, weights)
+
+    def _mark_trainable(self) -> None:
+        return  # the tensors are the parent's: the parent decides which train
+
+    def run_graphs(self, *arguments: Any) -> Any:
+        """:meth:`AdaptedModel.run_graphs` with the parent's current adapter state."""
+        self.follow_parent()
+        return super().run_graphs(*arguments)

@@ -22,7 +22,6 @@ gradient checkpointing is on, recomputes each adapted decoder layer in the backw
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,14 +29,17 @@ from typing import Any
 import torch
 import torch.fx
 
+from adaption_fx.capture.variants import graph_variant
 from adaption_fx.passes.activation_checkpoint import (
+    CheckpointRegions,
     check_options,
-    checkpoint_regions,
     decoder_layer_regions,
 )
+from adaption_fx.passes.graph_copy import copy_sharing_weights
+from adaption_fx.passes.infra import run_passes
 from adaption_fx.passes.insert import ADAPTION_META_KEY
-from adaption_fx.passes.recompute import recompute_gated_activations
-from adaption_fx.passes.unfuse import unfuse_adapter_attention
+from adaption_fx.passes.recompute import RecomputeGatedActivations
+from adaption_fx.passes.unfuse import UnfuseAdapterAttention
 
 
 @dataclass(frozen=True)
@@ -59,12 +61,6 @@ class GradientCheckpointing:
         return cls(tuple(site_paths), tuple(sorted(check_options(options).items())))
 
 
-# Each graph's training twins (one per checkpointing setting), kept as long as it lives.
-_TWINS: weakref.WeakKeyDictionary[
-    torch.fx.GraphModule, dict[GradientCheckpointing | None, torch.fx.GraphModule]
-] = weakref.WeakKeyDictionary()
-
-
 def adapted_site_paths(gm: torch.fx.GraphModule) -> list[str]:
     """The attention sites the insert pass adapted in ``gm``, in graph order."""
     paths: list[str] = []
@@ -83,7 +79,12 @@ def training_graph(
     adapted = adapted_site_paths(gm)
     if not adapted:
         return gm
-    twin = recompute_gated_activations(unfuse_adapter_attention(gm))
+    # One copy sharing gm's weights, which the in-place passes rewrite; gm itself where
+    # they find nothing to do (a graph that is its own twin, e.g. a twin).
+    result = run_passes(
+        copy_sharing_weights(gm), [UnfuseAdapterAttention(), RecomputeGatedActivations()]
+    )
+    twin = result.graph_module if result.modified else gm
     if checkpointing is not None:
         twin = checkpoint_adapted_layers(twin, checkpointing)
     return twin
@@ -99,7 +100,7 @@ def checkpoint_adapted_layers(
     if not adapted:
         return gm
     regions = decoder_layer_regions(gm.graph, checkpointing.site_paths, only=adapted)
-    return checkpoint_regions(gm, regions, dict(checkpointing.options))
+    return run_passes(gm, [CheckpointRegions(regions, checkpointing.options)]).graph_module
 
 
 def eager_graph(
@@ -109,12 +110,11 @@ def eager_graph(
     its training twin, built on first use."""
     if not torch.is_grad_enabled():
         return graph_module
-    twins = _TWINS.setdefault(graph_module, {})
-    twin = twins.get(checkpointing)
-    if twin is None:
-        twin = training_graph(graph_module, checkpointing)
-        twins[checkpointing] = twin
-    return twin
+    return graph_variant(
+        graph_module,
+        ("training", checkpointing),
+        lambda: training_graph(graph_module, checkpointing),
+    )
 
 
 __all__ = [

@@ -166,12 +166,13 @@ class HuggingFaceModelAPI:
     captured: CapturedModel
     active_adapter: str | None
     base_graph_module: torch.fx.GraphModule
+    source_model: torch.nn.Module | None
     parameters: Callable[..., Any]
     adapter_state_dict: Callable[..., dict[str, torch.Tensor]]
     save_adapter: Callable[..., None]
 
     def _source_model(self, what: str) -> torch.nn.Module:
-        source = self.__dict__.get("_source")
+        source = self.source_model
         if source is None:
             # AttributeError: hasattr() and getattr(model, what, default) see no attribute.
             raise AttributeError(
@@ -211,8 +212,7 @@ class HuggingFaceModelAPI:
     def main_input_name(self) -> str:
         """The input the Trainer counts tokens of: the source model's (``"input_ids"``),
         else the first keyword input of the capture."""
-        source = self.__dict__.get("_source")
-        name = getattr(source, "main_input_name", None)
+        name = getattr(self.source_model, "main_input_name", None)
         if name:
             return name
         names = self.captured.keyword_names

@@ -37,11 +37,12 @@ from adaption_fx.model.adapted import AdaptedModel
 from adaption_fx.model.eager import adapted_site_paths, training_graph
 from adaption_fx.model.hf_api import with_causal_lm_loss
 from adaption_fx.passes.activation_checkpoint import (
+    CheckpointRegions,
     Region,
-    checkpoint_regions,
     decoder_layer_regions,
 )
-from adaption_fx.passes.outline_layers import outline_layers
+from adaption_fx.passes.infra import run_passes
+from adaption_fx.passes.outline_layers import OutlineLayers
 
 # The process-group backend that serves a device type.
 _BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
@@ -208,7 +209,7 @@ def shard_frozen_base(
         r.module_path
         for r in decoder_layer_regions(twin.graph, site_paths, only=adapted_site_paths(twin))
     }
-    outlined = outline_layers(twin, regions)
+    outlined = run_passes(twin, [OutlineLayers(regions)]).graph_module
     layer_paths = [r.module_path for r in regions]
     first = min(i for i, path in enumerate(layer_paths) if path in adapted)
     frozen = layer_paths[:first]
@@ -223,7 +224,7 @@ def shard_frozen_base(
         ]
         checkpointed = [Region(str(n.target), (n.name, *(u.name for u in n.users))) for n in calls]
         options = dict(model.checkpointing_plan.options)
-        outlined = checkpoint_regions(outlined, checkpointed, options)
+        outlined = run_passes(outlined, [CheckpointRegions(checkpointed, options)]).graph_module
     sharded = ShardedAdaptedModel(model, outlined, graph.adapter_inputs, layer_paths, frozen)
     if mesh is None:
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))

@@ -210,6 +210,7 @@ def mixed_settings(
         )
     longest = max(configs.items(), key=lambda kv: kv[1].adapter_len, default=None)
     widest = max(configs.items(), key=lambda kv: kv[1].adapter_layers, default=None)
+    # The same check for the two sizes a mixed file is built for: prompt length, layers.
     if max_adapter_len is None:
         max_adapter_len = longest[1].adapter_len  # type: ignore[index]
     elif longest is not None and max_adapter_len < longest[1].adapter_len:

@@ -24,7 +24,7 @@ from adaption_fx.export.onnx.plan import (
     BATCH_DIM,
     FlatCall,
 )
-from adaption_fx.passes.cleanup import functionalize_fresh_inplace, is_functional
+from adaption_fx.passes.cleanup import FunctionalizeFreshInplace, is_functional
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def direct_graph(module: FlatCall, args: tuple, prefix: str, static: bool) -> _D
         new.meta = meta
         env[node] = new
     # transformers 4.x builds mask indices in place on fresh tensors (arange(n).add_(k)).
-    functionalize_fresh_inplace(graph)
+    FunctionalizeFreshInplace().transform(graph)
     if not is_functional(graph):
         mutating = next(
             n.target
