@@ -23,6 +23,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
+# Our fields (version, gate variant) beside PEFT's file, where PEFT does not read them. A
+# record, never read back: adapter_config.json alone says what the adapter is (no gate
+# fields: PEFT's scalar identity gate; any other gate keeps its fields there).
+EXTRAS_NAME = "adaption_fx.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_KEY_PREFIX = "base_model.model."
 PEFT_TYPE = "ADAPTION_PROMPT"
@@ -80,6 +84,15 @@ def read_config_dict(directory: PathLike) -> dict[str, Any]:
             f"{PEFT_TYPE!r} (LLaMA-Adapter) checkpoints only"
         )
     return data
+
+
+def write_adapter_config(
+    directory: PathLike, peft_fields: Mapping[str, Any], extras: Mapping[str, Any]
+) -> None:
+    """Write a checkpoint's adapter_config.json (PEFT's) and adaption_fx.json (ours, a
+    record of the version that wrote it)."""
+    write_json_atomic(Path(directory) / CONFIG_NAME, peft_fields)
+    write_json_atomic(Path(directory) / EXTRAS_NAME, extras)
 
 
 def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:

@@ -78,12 +78,17 @@ class AdaptionConfig:
         task_type: str | None = "CAUSAL_LM",
         base_model_name_or_path: str | None = None,
     ) -> dict[str, Any]:
-        """adapter_config.json content: PEFT's AdaptionPromptConfig fields plus ours.
+        """adapter_config.json content: PEFT's AdaptionPromptConfig fields, and ours only
+        where PEFT cannot express the adapter.
 
-        PEFT ignores ``gate`` and ``gate_activation``; it fills ``target_modules`` from the
-        model type when it is None.
+        An adapter PEFT can run (scalar gate, identity activation) gets exactly PEFT's
+        fields, so that ``PeftModel.from_pretrained`` loads it without a word; our own
+        fields go to a file of ours beside it (:meth:`extras_dict`). One it cannot run
+        (``per_head`` gate, ``tanh``) keeps ``gate`` and ``gate_activation`` here too, so
+        that PEFT says it does not know them instead of loading a different adapter.
+        PEFT fills ``target_modules`` from the model type when it is None.
         """
-        return {
+        fields_ = {
             "peft_type": "ADAPTION_PROMPT",
             "adapter_len": self.adapter_len,
             "adapter_layers": self.adapter_layers,
@@ -93,6 +98,22 @@ class AdaptionConfig:
             "base_model_name_or_path": base_model_name_or_path,
             "revision": None,
             "auto_mapping": None,
+        }
+        if not self.peft_expressible:
+            fields_.update(self.extras_dict())
+        return fields_
+
+    @property
+    def peft_expressible(self) -> bool:
+        """Whether PEFT's AdaptionPromptModel runs this adapter as we do (a scalar gate,
+        no activation)."""
+        return self.gate == "scalar" and self.gate_activation == "identity"
+
+    def extras_dict(self) -> dict[str, Any]:
+        """Our fields, for ``adaption_fx.json`` beside adapter_config.json (PEFT does not
+        read that file): the gate variant and the version that wrote it. A record only:
+        adapter_config.json alone says what the adapter is."""
+        return {
             "gate": self.gate,
             "gate_activation": self.gate_activation,
             "adaption_fx_version": __version__,
@@ -129,7 +150,8 @@ class AdaptionConfig:
             raise CheckpointError(str(exc)) from exc
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``directory/adapter_config.json`` atomically (temporary file, then rename)."""
-        from adaption_fx.checkpoint import CONFIG_NAME, write_json_atomic
+        """Write ``directory/adapter_config.json`` and ``directory/adaption_fx.json``
+        atomically (each a temporary file, then a rename)."""
+        from adaption_fx.checkpoint import write_adapter_config
 
-        write_json_atomic(Path(directory) / CONFIG_NAME, self.to_peft_dict())
+        write_adapter_config(directory, self.to_peft_dict(), self.extras_dict())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -49,15 +50,19 @@ class CompiledModel(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model.run_graphs(self._compiled_graph, args, kwargs)
 
-    def generate(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """``AdaptedModel.generate`` with the decode-step graphs compiled.
 
         The prefill and the single-token steps have different shapes: the first call of
         each compiles, after which torch.compile treats the lengths as dynamic. The
-        arguments go through as given, so ``eos_token_id`` and ``pad_token_id`` left out
-        take the source model's defaults (:attr:`default_token_ids`) there.
+        arguments (``generation_config`` and Hugging Face's options) go through as given,
+        so options left out take the source model's defaults there.
         """
         return self.model.generate(input_ids, *args, _runner=self._compiled_graph, **kwargs)
+
+    def stream(self, input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        """``AdaptedModel.stream`` with the decode-step graphs compiled."""
+        return self.model.stream(input_ids, *args, _runner=self._compiled_graph, **kwargs)
 
     @property
     def default_token_ids(self) -> tuple[EosTokenIds, int | None]:

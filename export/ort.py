@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 # At module level, unlike torch below: the adaption_fx package has loaded both already.
-from adaption_fx.generation.options import MODEL_DEFAULT, EosTokenIds, ModelDefault
+from adaption_fx.generation.options import EosTokenIds
 from adaption_fx.model.mixed import (
     BASE_ADAPTER,
     TableEntry,
@@ -290,33 +290,65 @@ class OrtModel:
         self,
         input_ids: Any,
         attention_mask: Any = None,
+        generation_config: Any = None,
         *,
-        max_new_tokens: int = 20,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: EosTokenIds | ModelDefault = MODEL_DEFAULT,
-        pad_token_id: int | ModelDefault | None = MODEL_DEFAULT,
-        seed: int | None = None,
-        use_cache: bool = True,
         adapter_names: Sequence[str] | None = None,
+        **kwargs: Any,
     ) -> Any:
-        """Generate tokens in ONNX Runtime; the arguments are ``AdaptedModel.generate``'s.
+        """Generate tokens in ONNX Runtime; the options are ``AdaptedModel.generate``'s.
 
-        ``eos_token_id`` and ``pad_token_id`` left out take the defaults stored at export
+        Options left out take the defaults stored at export: the source model's generation
+        config (:attr:`generation_config`) and its eos and pad ids
         (:attr:`default_token_ids`); ``eos_token_id=None`` turns eos stopping off. The
         key/value cache stays in ONNX Runtime values between steps (IO binding): each
         step's present outputs are bound as the next step's past inputs, never copied
-        through numpy. Returns a torch LongTensor (batch, prompt_len + steps).
+        through numpy. Returns a torch LongTensor (batch, prompt_len + steps), or Hugging
+        Face's ``GenerateDecoderOnlyOutput`` with ``return_dict_in_generate=True``.
 
         ``adapter_names`` (a mixed-batch file only, and required there): one name per
         prompt row, a registered adapter or ``"__base__"``; each row generates the tokens
         it generates alone with its adapter.
         """
+        return self._generation(input_ids, attention_mask, generation_config, adapter_names, kwargs)
+
+    def stream(
+        self,
+        input_ids: Any,
+        attention_mask: Any = None,
+        generation_config: Any = None,
+        *,
+        tokenizer: Any = None,
+        adapter_names: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[Any]:
+        """:meth:`generate` as an iterator (see ``AdaptedModel.stream``): each step's new
+        tokens, or with ``tokenizer`` the decoded text as it becomes printable."""
+        from adaption_fx.generation.text import text_chunks
+
+        tokens = self._generation(
+            input_ids,
+            attention_mask,
+            generation_config,
+            adapter_names,
+            {**kwargs, "tokenizer": tokenizer},
+            streaming=True,
+        )
+        return tokens if tokenizer is None else text_chunks(tokens, tokenizer)
+
+    def _generation(
+        self,
+        input_ids: Any,
+        attention_mask: Any,
+        generation_config: Any,
+        adapter_names: Sequence[str] | None,
+        options: dict[str, Any],
+        *,
+        streaming: bool = False,
+    ) -> Any:
         import torch
 
-        from adaption_fx.generation.loop import generate
+        from adaption_fx.generation.args import resolve_generation
+        from adaption_fx.generation.loop import run_generation
 
         if isinstance(input_ids, np.ndarray):
             input_ids = torch.from_numpy(input_ids)
@@ -326,23 +358,30 @@ class OrtModel:
         if adapter_names is not None:  # checked against the prompts before anything runs
             batch = input_ids.shape[0] if isinstance(input_ids, torch.Tensor) else -1
             adapter_names = check_adapter_names(adapter_names, batch, self.adapter_names)
-        session = self.decode_session(adapter_names)
-        return generate(
-            session,
+        args = resolve_generation(
+            self.generation_config, self.default_token_ids, generation_config, **options
+        )
+        max_length = self.metadata.get("generation", {}).get("max_length")
+        return run_generation(
+            self.decode_session,
             input_ids,
             attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            seed=seed,
-            use_cache=use_cache,
-            max_length=session.max_length,
-            defaults=self.default_token_ids,
+            args,
+            adapter_names=adapter_names,
+            max_length=max_length,
+            streaming=streaming,
         )
+
+    @property
+    def generation_config(self) -> Any:
+        """The source model's ``transformers.GenerationConfig`` as stored at export (None
+        for a file without one): what :meth:`generate` takes options left out from."""
+        stored = self.metadata.get("generation", {}).get("config")
+        if stored is None:
+            return None
+        from transformers import GenerationConfig
+
+        return GenerationConfig.from_dict(stored)
 
     @property
     def default_token_ids(self) -> tuple[EosTokenIds, int | None]:

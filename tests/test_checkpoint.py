@@ -10,7 +10,7 @@ import torch
 from helpers import assert_rel_close, padded_batch, randomize_adapter, tiny_llama, tiny_mistral
 
 from adaption_fx import AdaptionConfig, rewrite
-from adaption_fx.checkpoint import CONFIG_NAME, PEFT_KEY_PREFIX, WEIGHTS_NAME
+from adaption_fx.checkpoint import CONFIG_NAME, EXTRAS_NAME, PEFT_KEY_PREFIX, WEIGHTS_NAME
 
 peft = pytest.importorskip("peft")
 
@@ -96,6 +96,40 @@ def test_our_adapters_load_into_peft_and_back(tmp_path, arch):
         assert torch.equal(_logits(again, batch), expected[name]), name
 
 
+PEFT_FIELDS = {
+    "peft_type",
+    "adapter_len",
+    "adapter_layers",
+    "target_modules",
+    "task_type",
+    "inference_mode",
+    "base_model_name_or_path",
+    "revision",
+    "auto_mapping",
+}
+
+
+def test_a_peft_load_of_our_checkpoint_is_silent(tmp_path, caplog):
+    peft = pytest.importorskip("peft")
+    import warnings
+
+    source = tiny_llama()
+    ours = rewrite(source, AdaptionConfig(adapter_len=4, adapter_layers=2))
+    randomize_adapter(ours, seed=2)
+    ours.save_adapter(tmp_path)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING"):
+        warnings.simplefilter("always")
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(source), tmp_path)
+    said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if "Unexpected keyword" in m or "upgrade" in m.lower()], said
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        expected = ours(input_ids=ids, attention_mask=mask).logits
+        got = loaded(input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], expected[keep], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "gate, activation", [("scalar", "identity"), ("per_head", "tanh"), ("scalar", "tanh")]
 )
@@ -108,8 +142,14 @@ def test_round_trip_through_our_own_format_is_bit_identical(tmp_path, gate, acti
     expected = _logits(ours, batch)
     ours.save_adapter(tmp_path)
     saved = json.loads((tmp_path / CONFIG_NAME).read_text())
+    extras = json.loads((tmp_path / EXTRAS_NAME).read_text())
     assert saved["peft_type"] == "ADAPTION_PROMPT"
-    assert (saved["gate"], saved["gate_activation"]) == (gate, activation)
+    assert (extras["gate"], extras["gate_activation"]) == (gate, activation)
+    assert extras["adaption_fx_version"]
+    if config.peft_expressible:  # exactly PEFT's fields: PEFT loads it without a word
+        assert set(saved) == PEFT_FIELDS
+    else:  # PEFT cannot run it: the gate fields stay where PEFT reads them, and it says so
+        assert (saved["gate"], saved["gate_activation"]) == (gate, activation)
     assert saved["target_modules"] == "self_attn" and saved["task_type"] == "CAUSAL_LM"
     fresh = rewrite(source, tmp_path)
     assert fresh.adapters == {"default": config}

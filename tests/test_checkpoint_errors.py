@@ -34,6 +34,7 @@ rewrite_module = importlib.import_module("adaption_fx.rewrite")
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
+EXTRAS = "adaption_fx.json"
 CFG = AdaptionConfig(adapter_len=3, adapter_layers=2)
 PER_HEAD = AdaptionConfig(adapter_len=3, adapter_layers=2, gate="per_head", gate_activation="tanh")
 PREFIX = "base_model.model."
@@ -302,7 +303,9 @@ def test_tensors_of_other_layers(adapted, deep_saved, tmp_path):
 
 def test_per_head_gates_under_a_scalar_config(adapted, ckpt_dir):
     other = ckpt_dir / "other"
-    _edit_config(other, remove=("gate", "gate_activation"))  # PEFT's files: scalar, identity
+    # PEFT's files (no gate fields, none of ours beside them): scalar, identity.
+    _edit_config(other, remove=("gate", "gate_activation"))
+    (other / "adaption_fx.json").unlink()
     assert AdaptionConfig.from_pretrained(other).gate == "scalar"
     snap = snapshot_state(adapted)
     with pytest.raises(
@@ -558,14 +561,18 @@ def test_saved_layout_is_exact(adapted, tmp_path):
     assert sorted(_tree(target)) == [
         CONFIG,
         WEIGHTS,
+        EXTRAS,
         "other",
         f"other/{CONFIG}",
         f"other/{WEIGHTS}",
+        f"other/{EXTRAS}",
     ]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     root = json.loads((target / CONFIG).read_text())
     assert root["peft_type"] == "ADAPTION_PROMPT"
-    assert (root["adapter_len"], root["adapter_layers"], root["gate"]) == (3, 2, "scalar")
+    assert (root["adapter_len"], root["adapter_layers"]) == (3, 2)
+    assert "gate" not in root  # PEFT's own fields only: PEFT runs a scalar gate as is
+    assert json.loads((target / EXTRAS).read_text())["gate"] == "scalar"
     assert root["target_modules"] == "self_attn"
     assert json.loads((target / "other" / CONFIG).read_text())["gate"] == "per_head"
     keys = set(load_file(str(target / WEIGHTS)))
@@ -588,14 +595,19 @@ def test_saved_files_have_ordinary_permissions(adapted, tmp_path):
 def test_save_a_single_non_default_adapter(adapted, tmp_path):
     target = tmp_path / "out"
     adapted.save_adapter(target, adapter_name="other")
-    assert sorted(_tree(target)) == ["other", f"other/{CONFIG}", f"other/{WEIGHTS}"]
+    assert sorted(_tree(target)) == [
+        "other",
+        f"other/{CONFIG}",
+        f"other/{WEIGHTS}",
+        f"other/{EXTRAS}",
+    ]
 
 
 def test_save_into_an_existing_empty_directory(adapted, tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     adapted.save_adapter(target, adapter_name="default")
-    assert sorted(_tree(target)) == [CONFIG, WEIGHTS]
+    assert sorted(_tree(target)) == [CONFIG, WEIGHTS, EXTRAS]
     assert _hidden(tmp_path) == []
 
 
@@ -611,7 +623,7 @@ def test_saving_over_a_checkpoint_replaces_it_as_a_whole(tmp_path):
     model.delete_adapter("old")
     randomize_adapter(model, seed=42)
     model.save_adapter(target)
-    assert sorted(_tree(target)) == [CONFIG, WEIGHTS]
+    assert sorted(_tree(target)) == [CONFIG, WEIGHTS, EXTRAS]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     got = {k[len(PREFIX) :]: v for k, v in load_file(str(target / WEIGHTS)).items()}
     expected = model.adapter_state_dict("default")
@@ -733,7 +745,7 @@ def test_interrupted_config_save_pretrained(tmp_path, monkeypatch):
         PER_HEAD.save_pretrained(tmp_path)
     monkeypatch.undo()
     assert (tmp_path / CONFIG).read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == [CONFIG]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG, EXTRAS]
     PER_HEAD.save_pretrained(tmp_path)  # and a later save goes through
     assert AdaptionConfig.from_pretrained(tmp_path) == PER_HEAD
-    assert [p.name for p in tmp_path.iterdir()] == [CONFIG]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG, EXTRAS]

@@ -43,7 +43,7 @@ TASK = make_splits(train_size=4, held_out_size=3, seed=0)
 TASK_WORDS = [text for record in TASK.train + TASK.held_out for text in record.values()]
 PROMPTS = ["Say hi", "what is the sum", "hello there"]
 NEW = 8  # new tokens per answer
-ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors"}
+ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "adaption_fx.json"}
 CHECKPOINT_FILES = {*ADAPTER_FILES, "training_state.pt", "trainer_state.json", "data_order.json"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -50,7 +50,7 @@ PROCESSES = 2
 THIS = Path(__file__).resolve()
 TOKEN_IDS = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)  # the test tokenizer's
 WEIGHTS = "adapter_model.safetensors"
-ADAPTER_FILES = {WEIGHTS, "adapter_config.json"}
+ADAPTER_FILES = {WEIGHTS, "adapter_config.json", "adaption_fx.json"}
 
 # Seven examples at --batch-size 3: each epoch's micro-batches hold 3, 3 and 1 examples, so
 # the two ranks get 2 + 1 examples, and 1 + none (rank 1 then runs an unlabelled stand-in).

@@ -430,7 +430,7 @@ ERRORS = [
     ({"do_sample": True, "temperature": -1.0}, ValueError, "temperature must be"),
     ({"do_sample": True, "top_p": 0.0}, ValueError, r"top_p must be in \(0, 1\]"),
     ({"do_sample": True, "top_p": 1.5}, ValueError, r"top_p must be in \(0, 1\]"),
-    ({"do_sample": True, "top_k": 0}, ValueError, "top_k must be >= 1"),
+    ({"do_sample": True, "top_k": -1}, ValueError, "top_k must be >= 0"),  # 0: off, as HF
     ({"do_sample": True, "top_k": 2.5}, TypeError, "top_k must be an int"),
     ({"do_sample": True, "seed": -1}, ValueError, "seed must be >= 0"),
     ({"do_sample": 1}, TypeError, "do_sample must be a bool"),
@@ -577,24 +577,18 @@ def test_generation_runs_the_folded_graph(lm):
 
 
 def test_every_generate_takes_the_same_options():
-    # AdaptedModel.generate, OrtModel.generate and the loop state the generation options
-    # each in their own signature: this keeps the three in step (names, kinds, defaults).
+    # One definition of the options (adaption_fx.generation.args): every generate and stream
+    # takes the prompt, generation_config and Hugging Face's keyword arguments.
     import inspect
 
+    from adaption_fx.export.compile import CompiledModel
     from adaption_fx.export.ort import OrtModel
-    from adaption_fx.generation.loop import generate as loop_generate
     from adaption_fx.model.adapted import AdaptedModel
 
-    def options(function, drop):
-        params = inspect.signature(function).parameters.values()
-        return [(p.name, p.kind, p.default) for p in params if p.name not in drop]
-
-    loop = options(loop_generate, {"session", "max_length", "defaults"})
-    model = options(AdaptedModel.generate, {"self", "adapter_names", "_runner"})
-    ort = options(OrtModel.generate, {"self", "adapter_names"})
-    assert [name for name, _, _ in loop][:2] == ["input_ids", "attention_mask"]
-    assert model == loop
-    assert [(n, k) for n, k, _ in ort] == [(n, k) for n, k, _ in loop]
-    assert [d for n, _, d in ort if n != "attention_mask"] == [
-        d for n, _, d in loop if n != "attention_mask"
-    ]
+    for owner in (AdaptedModel, OrtModel):
+        for method in (owner.generate, owner.stream):
+            params = inspect.signature(method).parameters
+            assert list(params)[1:4] == ["input_ids", "attention_mask", "generation_config"]
+            assert params["generation_config"].default is None
+            assert inspect.Parameter.VAR_KEYWORD in [p.kind for p in params.values()]
+    assert callable(CompiledModel.generate) and callable(CompiledModel.stream)

@@ -35,7 +35,7 @@ from helpers import (
 from safetensors.torch import load_file
 
 from adaption_fx import AdaptedModel, AdaptionConfig, rewrite
-from adaption_fx.checkpoint import CONFIG_NAME, PEFT_KEY_PREFIX, WEIGHTS_NAME
+from adaption_fx.checkpoint import CONFIG_NAME, EXTRAS_NAME, PEFT_KEY_PREFIX, WEIGHTS_NAME
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # the Trainer needs it
@@ -374,6 +374,7 @@ def test_save_model_writes_the_adapter_in_peft_format(model, source, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [
         CONFIG_NAME,
         WEIGHTS_NAME,
+        EXTRAS_NAME,
         "checkpoint-2",
         "training_args.bin",
     ]
@@ -571,6 +572,7 @@ def test_readme_trainer_example_runs(tmp_path, monkeypatch):
     assert sorted(p.name for p in final.iterdir()) == [
         CONFIG_NAME,
         WEIGHTS_NAME,
+        EXTRAS_NAME,
         "training_args.bin",
     ]
     ids = namespace["rows"][:2]

@@ -382,8 +382,14 @@ def _generate_parser(sub: Any) -> None:
         help="an ONNX file from `export --for-generation` (run in ONNX Runtime)",
     )
     p.add_argument("--max-new-tokens", type=_positive_int, default=128)
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=_positive_float, default=1.0)
+    p.add_argument(
+        "--sample",
+        action="store_true",
+        help="sample instead of greedy decoding (left out: the model's generation config)",
+    )
+    # Left out, sampling options are the model's generation config's, else Hugging Face's
+    # defaults (temperature 1, top-k 50), as model.generate takes them.
+    p.add_argument("--temperature", type=_positive_float, default=None)
     p.add_argument("--top-p", type=_fraction_or_one, default=None)
     p.add_argument("--top-k", type=_positive_int, default=None)
     p.add_argument("--seed", type=_non_negative_int, default=None)
@@ -409,8 +415,10 @@ def answer_prompts(
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    if not args.sample and (args.top_p is not None or args.top_k is not None):
-        raise UsageError("--top-p/--top-k apply to --sample only")
+    if not args.sample and (
+        args.top_p is not None or args.top_k is not None or args.temperature is not None
+    ):
+        raise UsageError("--temperature/--top-p/--top-k apply to --sample only")
     if any(not p.strip() for p in args.prompts):
         raise UsageError("a PROMPT is empty")
     loaded = _load(args.model)
@@ -422,16 +430,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         model: Any = OrtModel(args.onnx)
     else:
         model = _adapted(loaded.model, args.adapter)
+    given = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    options = {name: value for name, value in given.items() if value is not None}
+    if args.sample:
+        options["do_sample"] = True
     answers = answer_prompts(
         model,
         loaded.tokenizer,
         args.prompts,
         max_new_tokens=args.max_new_tokens,
-        do_sample=args.sample,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
         seed=args.seed,
+        **options,
     )
     for prompt, answer in zip(args.prompts, answers, strict=True):
         if len(args.prompts) > 1:

@@ -14,7 +14,8 @@ import itertools
 import logging
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -25,8 +26,8 @@ from adaption_fx.capture.captured import CapturedModel
 from adaption_fx.capture.decode import CacheLayout
 from adaption_fx.capture.gc_pause import paused_gc
 from adaption_fx.capture.variants import graph_variant
-from adaption_fx.checks import check_int
-from adaption_fx.generation.options import MODEL_DEFAULT, EosTokenIds, ModelDefault
+from adaption_fx.generation.args import GenerationArgs, token_ids
+from adaption_fx.generation.options import EosTokenIds
 from adaption_fx.passes.cleanup import EliminateDeadCode, is_functional
 from adaption_fx.passes.codegen import GraphFunction
 from adaption_fx.passes.decode_step import decode_step_passes
@@ -49,7 +50,7 @@ def _default_ids(where: str, name: str, value: Any) -> Any:
     if isinstance(value, tuple):
         value = list(value)
     try:
-        _token_ids(name, value)
+        token_ids(name, value)
         valid = name == "eos_token_id" or not isinstance(value, list)  # one pad id
     except (TypeError, ValueError):
         valid = False
@@ -336,21 +337,7 @@ class TorchSession:
         return out["logits"][:, -1, :]
 
 
-def _token_ids(name: str, value: Any) -> list[int]:
-    if value is None:
-        return []
-    items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
-    if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
-        raise TypeError(f"{name} must be an int, a list of ints or None, got {value!r}")
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, int) or item < 0:
-            raise ValueError(f"{name} must hold non-negative ints, got {value!r}")
-    return list(items)
-
-
-def check_prompt(
-    input_ids: Any, attention_mask: Any, max_new_tokens: int, max_length: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def check_prompt(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate a batch of left-padded prompts; return (input_ids, attention_mask) as long."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
@@ -386,11 +373,6 @@ def check_prompt(
             "attention_mask has padding after a token (right padding); pad prompts on the "
             "left for generation"
         )
-    if max_length is not None and seq + max_new_tokens > max_length:
-        raise ValueError(
-            f"prompt length {seq} + max_new_tokens {max_new_tokens} exceeds the maximum "
-            f"length {max_length} the decode step was captured for"
-        )
     return input_ids.to(torch.long), mask
 
 
@@ -419,11 +401,13 @@ def choose_tokens(
     top_p: float | None,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """The next token of each row from its logits (batch, vocab)."""
+    """The fast path's next token of each row from its logits (batch, vocab): what Hugging
+    Face's temperature, top-k and top-p warpers and its sampler give, in their order."""
     logits = logits.float()
     if not do_sample:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    if temperature != 1.0:
+        logits = logits / temperature
     if top_k is not None:
         logits = _filter_top_k(logits, top_k)
     if top_p is not None and top_p < 1.0:
@@ -432,95 +416,107 @@ def choose_tokens(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def check_sampling(do_sample: Any, temperature: Any, top_k: Any, top_p: Any, seed: Any) -> None:
-    if not isinstance(do_sample, bool):
-        raise TypeError(f"do_sample must be a bool, got {do_sample!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a number, got {temperature!r}")
-    # Greedy decoding ignores temperature (as in HF, where temperature=0 is a common way of
-    # asking for greedy); sampling needs a positive one.
-    if do_sample and not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    if top_k is not None:
-        check_int("top_k", top_k, 1)
-    if top_p is not None:
-        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)):
-            raise TypeError(f"top_p must be a number, got {top_p!r}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if seed is not None:
-        check_int("seed", seed, 0)
+@dataclass
+class StepRecord:
+    """What ``output_scores`` / ``output_logits`` keep: per step, (batch, vocab)."""
+
+    scores: list[torch.Tensor] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
 
 
-# AdaptedModel.generate and OrtModel.generate restate these options in their own
-# signatures (for help() and type checkers); tests/test_generate.py keeps the three in step.
-@torch.no_grad()
-def generate(
+def decode_steps(
     session: DecodeSession,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    *,
-    max_new_tokens: int = 20,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_token_id: EosTokenIds | ModelDefault = MODEL_DEFAULT,
-    pad_token_id: int | ModelDefault | None = MODEL_DEFAULT,
-    seed: int | None = None,
-    use_cache: bool = True,
-    max_length: int | None = None,
-    defaults: tuple[EosTokenIds, int | None] = (None, None),
-) -> torch.Tensor:
-    """Generate with ``session``; see ``AdaptedModel.generate`` for the arguments.
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    args: GenerationArgs,
+    max_new_tokens: int,
+    record: StepRecord | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield each step's new tokens (batch,) for checked prompts (see :func:`generate`).
 
-    ``defaults`` is the model's ``(eos_token_id, pad_token_id)`` (see
-    :func:`generation_defaults`), taken by whichever of the two is left at
-    :data:`MODEL_DEFAULT`; an explicit None is kept.
+    A row that ended (eos, or a stopping criterion) gets ``args.pad_token_id`` from then
+    on where the call has eos ids (as Hugging Face pads only then); the steps stop when
+    every row has ended or ``max_new_tokens`` were produced. A streamer receives the prompt
+    first, each step's tokens, and ``end()`` (also when the caller stops early).
     """
-    if eos_token_id is MODEL_DEFAULT:
-        eos_token_id = defaults[0]
-    if pad_token_id is MODEL_DEFAULT:
-        pad_token_id = defaults[1]
-    check_int("max_new_tokens", max_new_tokens, 0)
-    check_sampling(do_sample, temperature, top_k, top_p, seed)
-    eos = _token_ids("eos_token_id", eos_token_id)
-    if pad_token_id is None:
-        pad_token_id = eos[0] if eos else 0
-    else:
-        check_int("pad_token_id", pad_token_id, 0)
-    if not isinstance(use_cache, bool):
-        raise TypeError(f"use_cache must be a bool, got {use_cache!r}")
-    ids, mask = check_prompt(input_ids, attention_mask, max_new_tokens, max_length)
     if max_new_tokens == 0:
-        return ids.clone()
+        return
+    streamer = args.streamer
+    if streamer is not None:
+        streamer.put(ids.cpu())
+    try:
+        yield from _steps(session, ids, mask, args, max_new_tokens, record)
+    finally:
+        if streamer is not None:
+            streamer.end()
 
+
+def _steps(
+    session: DecodeSession,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    args: GenerationArgs,
+    max_new_tokens: int,
+    record: StepRecord | None,
+) -> Iterator[torch.Tensor]:
+    device = ids.device
+    do_sample = args.do_sample
     generator = None
-    if do_sample and seed is not None:
-        generator = torch.Generator(device=ids.device).manual_seed(seed)
+    if do_sample and args.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
     batch = ids.shape[0]
-    eos_ids = torch.tensor(eos, dtype=torch.long, device=ids.device)
+    eos_ids = torch.tensor(args.eos_token_ids, dtype=torch.long, device=device)
+    pad = args.pad_token_id
+    plain = args.plain
+    temperature, top_k, top_p = args.sampling
+    processors = None if plain else args.logits_processors(mask)
+    criteria = None if plain else args.stopping()
+    use_cache = bool(args.config.use_cache)
+    streamer = args.streamer
     # Left padding: a token's position counts only the real tokens before it.
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     session.reset(batch)
     logits = session.step(ids, mask, positions)
-    # Without eos no row ever finishes: no per-step padding of finished rows, no host read.
-    finished = torch.zeros(batch, dtype=torch.bool, device=ids.device) if eos else None
+    # Rows end by eos or a criterion; without either none does: no host read per step.
+    ends = bool(args.eos_token_ids) or bool(criteria)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device) if ends else None
     new_column = torch.ones_like(mask[:, :1])
-    new_tokens: list[torch.Tensor] = []
+    sequence = ids
+    keep_sequence = not plain or not use_cache
     for index in range(max_new_tokens):
-        token = choose_tokens(
-            logits,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            generator=generator,
-        )
+        scores = None
+        if plain:
+            token = choose_tokens(
+                logits,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=generator,
+            )
+        else:
+            raw = logits.to(dtype=torch.float32, copy=True)
+            scores = processors(sequence, raw.clone() if record is not None else raw)
+            if record is not None:
+                record.scores.append(scores)
+                record.logits.append(raw)
+            if do_sample:
+                probs = scores.softmax(dim=-1)
+                token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            else:
+                token = scores.argmax(dim=-1)
+        if finished is not None and args.eos_token_ids:
+            token = token.masked_fill(finished, pad)
+        if keep_sequence:  # processors, criteria and the cache-free step read it
+            sequence = torch.cat([sequence, token[:, None]], dim=-1)
+        if streamer is not None:
+            streamer.put(token.cpu())
+        yield token
         if finished is not None:
-            token = token.masked_fill(finished, pad_token_id)
-            finished |= torch.isin(token, eos_ids)
-        new_tokens.append(token)
+            if args.eos_token_ids:
+                finished |= torch.isin(token, eos_ids)
+            if criteria:
+                finished |= criteria(sequence, scores).to(device)
         if index == max_new_tokens - 1 or (finished is not None and bool(finished.all())):
             break
         mask = torch.cat([mask, new_column], dim=-1)
@@ -531,6 +527,98 @@ def generate(
         else:
             positions = torch.cat([positions, next_position], dim=-1)
             session.reset(batch)
-            sequence = torch.cat([ids, torch.stack(new_tokens, dim=1)], dim=-1)
             logits = session.step(sequence, mask, positions)
-    return torch.cat([ids, torch.stack(new_tokens, dim=1)], dim=-1)
+
+
+def prepare_prompts(
+    input_ids: Any, attention_mask: Any, args: GenerationArgs, max_length: int | None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Checked prompts, each row repeated ``num_return_sequences`` times, and how many new
+    tokens to produce (refused where they would pass the decode step's ``max_length``)."""
+    ids, mask = check_prompt(input_ids, attention_mask)
+    copies = args.num_return_sequences
+    if copies > 1:
+        ids, mask = ids.repeat_interleave(copies, dim=0), mask.repeat_interleave(copies, dim=0)
+    seq = ids.shape[1]
+    max_new_tokens = args.max_new_tokens(seq)
+    if max_length is not None and seq + max_new_tokens > max_length:
+        raise ValueError(
+            f"prompt length {seq} + max_new_tokens {max_new_tokens} exceeds the maximum "
+            f"length {max_length} the decode step was captured for"
+        )
+    return ids, mask, max_new_tokens
+
+
+@torch.no_grad()
+def generate(
+    session: DecodeSession,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    args: GenerationArgs,
+    *,
+    max_length: int | None = None,
+) -> Any:
+    """Generate with ``session``; see ``AdaptedModel.generate`` for the options.
+
+    Returns:
+        The prompts followed by the new tokens, (batch x num_return_sequences,
+        prompt_len + steps); with ``return_dict_in_generate``, Hugging Face's
+        ``GenerateDecoderOnlyOutput`` (``sequences``, and ``scores`` / ``logits`` per step
+        where ``output_scores`` / ``output_logits`` ask for them).
+    """
+    ids, mask, max_new_tokens = prepare_prompts(input_ids, attention_mask, args, max_length)
+    config = args.config
+    record = StepRecord() if (config.output_scores or config.output_logits) else None
+    steps = list(decode_steps(session, ids, mask, args, max_new_tokens, record))
+    sequences = torch.cat([ids, torch.stack(steps, dim=1)], dim=-1) if steps else ids.clone()
+    if not args.returns_dict:
+        return sequences
+    from transformers.generation import GenerateDecoderOnlyOutput
+
+    return GenerateDecoderOnlyOutput(
+        sequences=sequences,
+        scores=tuple(record.scores) if record is not None and config.output_scores else None,
+        logits=tuple(record.logits) if record is not None and config.output_logits else None,
+    )
+
+
+def stream(
+    session: DecodeSession,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    args: GenerationArgs,
+    *,
+    max_length: int | None = None,
+) -> Iterator[torch.Tensor]:
+    """:func:`generate` as an iterator of each step's new tokens (batch,), produced as the
+    caller asks for them (no thread). Stopping early ends the generation."""
+    ids, mask, max_new_tokens = prepare_prompts(input_ids, attention_mask, args, max_length)
+    if args.returns_dict:
+        raise ValueError("return_dict_in_generate does not apply to stream(); use generate()")
+    steps = decode_steps(session, ids, mask, args, max_new_tokens)
+    while True:
+        with torch.no_grad():
+            token = next(steps, None)
+        if token is None:
+            return
+        yield token
+
+
+def run_generation(
+    new_session: Callable[[list[str] | None], DecodeSession],
+    input_ids: Any,
+    attention_mask: Any,
+    args: GenerationArgs,
+    *,
+    adapter_names: list[str] | None = None,
+    max_length: int | None = None,
+    streaming: bool = False,
+) -> Any:
+    """What every model's ``generate`` and ``stream`` do once their options are resolved:
+    a session for the call's rows (each row's adapter repeated for its
+    ``num_return_sequences``), then :func:`generate` or :func:`stream`."""
+    copies = args.num_return_sequences
+    if adapter_names is not None and copies > 1:
+        adapter_names = [name for name in adapter_names for _ in range(copies)]
+    run = stream if streaming else generate
+    return run(new_session(adapter_names), input_ids, attention_mask, args, max_length=max_length)

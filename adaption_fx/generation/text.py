@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -33,10 +34,12 @@ def generate_text(
         model: an AdaptedModel, or an ``OrtModel`` of a ``for_generation`` export.
         tokenizer: a Hugging Face tokenizer, or the directory it was saved to.
         prompt: one prompt or a batch of them (left-padded together).
-        generate_kwargs: passed to ``generate`` (``max_new_tokens``, ``do_sample``, ...).
-            ``eos_token_id`` and ``pad_token_id`` left out default to the model's (its
-            ``default_token_ids``, from the source model's generation config), as in
-            ``generate``; where the model has none, to the tokenizer's.
+        generate_kwargs: passed to ``generate`` (``generation_config``, ``max_new_tokens``,
+            ``do_sample``, ``stop_strings``, ``streamer``, ...; the tokenizer goes with
+            them, for ``stop_strings``). ``eos_token_id`` and ``pad_token_id`` left out
+            default to the model's (its ``default_token_ids``, from the source model's
+            generation config), as in ``generate``; where the model has none, to the
+            tokenizer's.
 
     Returns:
         The generated continuation(s) only, decoded without special tokens.
@@ -71,8 +74,10 @@ def generate_text(
         generate_kwargs.setdefault("eos_token_id", tok.eos_token_id)
     if model_pad is None:
         generate_kwargs.setdefault("pad_token_id", pad)
+    generate_kwargs.setdefault("tokenizer", tok)
     out = model.generate(ids, encoded["attention_mask"], **generate_kwargs)
-    new = torch.as_tensor(out)[:, ids.shape[-1] :]
+    sequences = getattr(out, "sequences", out)  # return_dict_in_generate=True
+    new = torch.as_tensor(sequences)[:, ids.shape[-1] :]
     texts = tok.batch_decode(new, skip_special_tokens=True)
     return texts[0] if single else texts
 
@@ -90,3 +95,30 @@ def generate_in_batches(
             model, tokenizer, prompts[start : start + batch_size], **generate_kwargs
         )
     return answers
+
+
+def text_chunks(tokens: Iterable[torch.Tensor], tokenizer: Any) -> Iterator[str]:
+    """The text of a stream of new tokens (one row: each item a (1,) tensor), piece by
+    piece as it becomes printable: transformers' ``TextStreamer`` decides when (whole
+    words, completed multi-byte characters), special tokens are skipped.
+    """
+    from transformers import TextStreamer
+
+    pieces: list[str] = []
+
+    class Collect(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                pieces.append(text)
+
+    streamer = Collect(load_tokenizer(tokenizer), skip_special_tokens=True)
+    for token in tokens:
+        if token.numel() != 1:
+            raise ValueError(
+                f"text streaming takes one prompt at a time, got a batch of {token.numel()}"
+            )
+        streamer.put(token.reshape(1).cpu())
+        yield from pieces
+        pieces.clear()
+    streamer.end()
+    yield from pieces

@@ -17,9 +17,10 @@ from adaption_fx.capture.decode import CacheLayout, capture_decode
 from adaption_fx.capture.export_model import CapturedModel
 from adaption_fx.capture.gc_pause import paused_gc
 from adaption_fx.config import AdaptionConfig
-from adaption_fx.generation.loop import TorchSession, generation_defaults
-from adaption_fx.generation.loop import generate as generate_tokens
-from adaption_fx.generation.options import MODEL_DEFAULT, EosTokenIds, ModelDefault
+from adaption_fx.generation.args import resolve_generation
+from adaption_fx.generation.loop import TorchSession, generation_defaults, run_generation
+from adaption_fx.generation.options import EosTokenIds
+from adaption_fx.generation.text import text_chunks
 from adaption_fx.model.eager import GradientCheckpointing, eager_graph
 from adaption_fx.model.graph_store import GraphStore, StructureGraphs, StructureKey
 from adaption_fx.model.hf_api import HuggingFaceModelAPI, signed_forward, with_causal_lm_loss
@@ -559,58 +560,102 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        generation_config: Any = None,
         *,
-        max_new_tokens: int = 20,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: EosTokenIds | ModelDefault = MODEL_DEFAULT,
-        pad_token_id: int | ModelDefault | None = MODEL_DEFAULT,
-        seed: int | None = None,
-        use_cache: bool = True,
         adapter_names: list[str] | None = None,
         _runner: Callable[[torch.fx.GraphModule], Callable[..., Any]] | None = None,
-    ) -> torch.Tensor:
-        """Generate tokens with the active adapter (or the base model while disabled).
+        **kwargs: Any,
+    ) -> Any:
+        """Generate tokens with the active adapter (or the base model while disabled), with
+        Hugging Face's ``generate`` options.
+
+        ``generation_config`` (a ``transformers.GenerationConfig``) and keyword arguments
+        take Hugging Face's names, defaults and precedence (a keyword over
+        ``generation_config`` over the source model's ``generation_config``):
+        ``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+        ``repetition_penalty``, ``no_repeat_ngram_size``, ``min_new_tokens``,
+        ``stop_strings`` (with ``tokenizer=``), ``logits_processor`` and
+        ``stopping_criteria`` lists, ``streamer``, ``num_return_sequences``,
+        ``return_dict_in_generate`` with ``output_scores`` / ``output_logits``, ``eos_token_id``,
+        ``pad_token_id`` and the rest :mod:`adaption_fx.generation.args` lists; beam search
+        and other strategies are refused by name. ``seed`` (ours) makes sampling
+        reproducible without touching torch's global generator.
 
         Prompts in a batch are left-padded (``attention_mask`` 0 on the left). Returns the
-        prompts followed by the new tokens, (batch, prompt_len + steps); a row that
-        produced ``eos_token_id`` (an int or a list) is filled with ``pad_token_id``
-        afterwards, and generation stops when every row has. Left out, both default to the
-        source model's, as in Hugging Face's ``generate`` (see :attr:`default_token_ids`);
-        ``eos_token_id=None`` turns eos stopping off, and a pad id that is None (passed,
-        or the model has none) is the first eos id, else 0.
-
-        ``do_sample`` samples from the softmax of ``logits / temperature`` restricted to the
-        ``top_k`` most likely tokens and to the smallest set whose probability reaches
-        ``top_p``; ``seed`` makes it reproducible. ``use_cache=False`` recomputes the whole
-        sequence each step (for checking the cache). Runs under ``torch.no_grad()``.
+        prompts followed by the new tokens, (batch, prompt_len + steps), or Hugging Face's
+        ``GenerateDecoderOnlyOutput`` with ``return_dict_in_generate=True``. A row that
+        ended (eos, a stop string, a stopping criterion) is filled with ``pad_token_id``
+        where the call has eos ids; generation stops when every row has ended.
+        ``eos_token_id=None`` turns eos stopping off. Runs under ``torch.no_grad()``.
 
         ``adapter_names`` (one per row: a registered adapter or ``"__base__"``) generates
         each row with its own adapter, as :meth:`forward` does; every row's tokens are the
         ones it generates alone with its adapter active.
         """
+        return self._generation(
+            input_ids, attention_mask, generation_config, adapter_names, _runner, kwargs
+        )
+
+    def stream(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        generation_config: Any = None,
+        *,
+        tokenizer: Any = None,
+        adapter_names: list[str] | None = None,
+        _runner: Callable[[torch.fx.GraphModule], Callable[..., Any]] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[Any]:
+        """:meth:`generate` as an iterator, produced as it is consumed (no thread).
+
+        Without ``tokenizer``, each item is one step's new tokens (batch,); with it (batch
+        1), the decoded text as it becomes printable (transformers' ``TextStreamer`` rules,
+        special tokens skipped). Breaking out of the loop ends the generation.
+        """
+        # OrtModel.stream has the same shape: each model resolves its own defaults and
+        # sessions in _generation; the steps are run_generation's, the text text_chunks'.
+        tokens = self._generation(
+            input_ids,
+            attention_mask,
+            generation_config,
+            adapter_names,
+            _runner,
+            {**kwargs, "tokenizer": tokenizer},
+            streaming=True,
+        )
+        return tokens if tokenizer is None else text_chunks(tokens, tokenizer)
+
+    def _generation(
+        self,
+        input_ids: Any,
+        attention_mask: Any,
+        generation_config: Any,
+        adapter_names: list[str] | None,
+        runner: Callable[[torch.fx.GraphModule], Callable[..., Any]] | None,
+        options: dict[str, Any],
+        *,
+        streaming: bool = False,
+    ) -> Any:
         names = None
         if adapter_names is not None and isinstance(input_ids, torch.Tensor) and input_ids.dim():
             names = check_adapter_names(adapter_names, input_ids.shape[0], list(self._configs))
-        # Any other input_ids: generate_tokens refuses them (check_prompt) before any step.
+        # Any other input_ids: generation refuses them (check_prompt) before any step.
+        args = resolve_generation(
+            getattr(self.source_model, "generation_config", None),
+            self.default_token_ids,
+            generation_config,
+            **options,
+        )
         decoder = self.decoder()
-        return generate_tokens(
-            TorchSession(decoder, _runner, adapter_names=names),
+        return run_generation(
+            lambda rows: TorchSession(decoder, runner, adapter_names=rows),
             input_ids,
             attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            seed=seed,
-            use_cache=use_cache,
+            args,
+            adapter_names=names,
             max_length=decoder.max_length,
-            defaults=self.default_token_ids,
+            streaming=streaming,
         )
 
     @property
@@ -690,12 +735,13 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
             for name in names:
                 folder = tmp if name == ckpt.DEFAULT_ADAPTER else tmp / name
                 folder.mkdir(exist_ok=True)
-                config = self._configs[name].to_peft_dict(
+                config = self._configs[name]
+                peft_fields = config.to_peft_dict(
                     target_modules=self._target_modules(name),
                     task_type=self._captured.task_type,
                     base_model_name_or_path=self._captured.name_or_path,
                 )
-                ckpt.write_json_atomic(folder / ckpt.CONFIG_NAME, config)
+                ckpt.write_adapter_config(folder, peft_fields, config.extras_dict())
                 ckpt.write_tensors(folder, ckpt.to_peft_keys(self.adapter_state_dict(name)))
         logger.info("saved adapters %s to %s", names, directory)
 

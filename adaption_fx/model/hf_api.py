@@ -380,7 +380,7 @@ class HuggingFaceModelAPI:
                 folder = folder / name
             if state_dict is not None:
                 ckpt.write_tensors(folder, ckpt.to_peft_keys(state_dict))
-            for file in (ckpt.WEIGHTS_NAME, ckpt.CONFIG_NAME):
+            for file in (ckpt.WEIGHTS_NAME, ckpt.CONFIG_NAME, ckpt.EXTRAS_NAME):
                 os.replace(folder / file, out / file)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -69,7 +69,8 @@ PLOT_FILE = "loss.png"
 STATE_FILE = "training_state.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
 DATA_ORDER_FILE = "data_order.json"
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+# Weights first, the config last: a reader that sees the config sees the rest.
+ADAPTER_FILES = ("adapter_model.safetensors", "adaption_fx.json", "adapter_config.json")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # What a run writes into its output directory; anything else there is someone else's.
 OUTPUT_NAMES = frozenset({RUN_FILE, METRICS_FILE, PLOT_FILE, *ADAPTER_FILES})

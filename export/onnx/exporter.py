@@ -96,9 +96,10 @@ def to_onnx(
             ``past_<i>_key``/``past_<i>_value``; outputs ``logits`` (last token) and
             ``present_<i>_key``/``present_<i>_value``. Batch, new length and past length
             are dynamic, so the file serves prefill (past length 0) and every step; run it
-            with ``OrtModel.generate``. The source model's generation defaults
-            (``AdaptedModel.default_token_ids``: eos and pad ids) are stored with it, as
-            ``eos_token_id`` and ``pad_token_id`` in the metadata's ``generation`` entry.
+            with ``OrtModel.generate``. The source model's generation defaults are
+            stored with it, in the metadata's ``generation`` entry: ``eos_token_id`` and
+            ``pad_token_id`` (``AdaptedModel.default_token_ids``) and ``config`` (its
+            ``generation_config``, as ``to_diff_dict()``).
         mixed_batch: export the mixed-batch graph (``AdaptedModel.mixed_graph``, of the
             masked capture; of ``model.decoder()`` with ``for_generation``), in which each
             batch row uses its own adapter. Needs ``adapter_as_inputs=True`` and ``fold``
@@ -162,6 +163,7 @@ def to_onnx(
     # Read from the model the caller holds, not from the decode-step twin below: the twin
     # has no source model to read them from.
     eos_token_id, pad_token_id = model.default_token_ids
+    generation_config = getattr(model.source_model, "generation_config", None)
     projecting = adapter_as_inputs and fold
     stages = ExportStages(
         ["capture the decode step"] * for_generation
@@ -184,6 +186,9 @@ def to_onnx(
             example_inputs=example_inputs,
             for_generation=for_generation,
             token_ids=(eos_token_id, pad_token_id),
+            generation_config=(
+                generation_config.to_diff_dict() if generation_config is not None else None
+            ),
             mixed=settings,
         )
         finished = True
@@ -205,6 +210,7 @@ def _write(
     example_inputs: dict[str, torch.Tensor] | None,
     for_generation: bool,
     token_ids: tuple[Any, Any],
+    generation_config: dict[str, Any] | None = None,
     mixed: tuple[int, int] | None = None,
 ) -> Path:
     """``mixed``: (max_adapter_len, adapter_layers) of a mixed-batch export, else None."""
@@ -324,6 +330,9 @@ def _write(
             # written before these keys as having none.
             "eos_token_id": eos_token_id,
             "pad_token_id": pad_token_id,
+            # The source model's generation config (what generate's options left out
+            # default to); a file without it runs Hugging Face's global defaults.
+            "config": generation_config,
         }
     onnx_model.metadata_props[METADATA_KEY] = json.dumps(metadata)
 
