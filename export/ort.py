@@ -323,9 +323,7 @@ class OrtModel:
     ) -> Iterator[Any]:
         """:meth:`generate` as an iterator (see ``AdaptedModel.stream``): each step's new
         tokens, or with ``tokenizer`` the decoded text as it becomes printable."""
-        from adaption_fx.generation.text import text_chunks
-
-        tokens = self._generation(
+        return self._generation(
             input_ids,
             attention_mask,
             generation_config,
@@ -333,7 +331,6 @@ class OrtModel:
             {**kwargs, "tokenizer": tokenizer},
             streaming=True,
         )
-        return tokens if tokenizer is None else text_chunks(tokens, tokenizer)
 
     def _generation(
         self,

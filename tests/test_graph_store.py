@@ -49,7 +49,7 @@ def test_a_failed_add_leaves_the_store(model):
 def test_the_decode_twin_is_the_stores_and_follows_its_parent(model):
     twin = model.decoder()
     assert isinstance(twin, DecodeStepTwin) and twin.parent is model
-    assert model.graph_store.decode_twin() is twin and model.decoder() is twin
+    assert model.graph_store.decode_twin is twin and model.decoder() is twin
     model.add_adapter("other", CFG)
     model.set_adapter("other")
     twin.follow_parent()
@@ -57,7 +57,7 @@ def test_the_decode_twin_is_the_stores_and_follows_its_parent(model):
     assert twin.adapter_weights["other"] is model.adapter_weights["other"]
     assert twin.graph_store is not model.graph_store  # its own capture, its own graphs
     model.release_base_holders()
-    assert model.graph_store.decode_twin() is None
+    assert model.graph_store.decode_twin is None
     with pytest.raises(TypeError, match="generation needs the source"):
         model.decoder()
 

@@ -104,11 +104,7 @@ def _check_generation_config(generation_config: Any) -> None:
         )
 
 
-def _unset(value: Any, fresh: Any) -> bool:
-    return value is None or value == fresh
-
-
-def merged_config(model_config: Any, generation_config: Any, options: dict[str, Any]) -> Any:
+def _merged_config(model_config: Any, generation_config: Any, options: dict[str, Any]) -> Any:
     """The generation config one call runs: ``options`` over ``generation_config`` over
     ``model_config`` (the model's own) over Hugging Face's defaults.
 
@@ -116,12 +112,10 @@ def merged_config(model_config: Any, generation_config: Any, options: dict[str, 
     (None in transformers 5, the default value in 4.x), as Hugging Face decides it.
 
     Raises:
-        TypeError: ``generation_config`` is not a GenerationConfig, or an option is not a
-            generation option.
+        TypeError: an option is not a generation option.
     """
     from transformers import GenerationConfig
 
-    _check_generation_config(generation_config)
     fresh = GenerationConfig()
     config = (
         copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
@@ -130,7 +124,7 @@ def merged_config(model_config: Any, generation_config: Any, options: dict[str, 
         for key, value in model_config.to_dict().items():
             if key.startswith("_") or key in _OWN_DEFAULTS or not hasattr(config, key):
                 continue
-            if _unset(getattr(config, key), getattr(fresh, key, None)):
+            if _off(getattr(config, key), getattr(fresh, key, None)):
                 setattr(config, key, copy.deepcopy(value))
     for key, value in HF_DEFAULTS.items():
         if getattr(config, key, None) is None:
@@ -191,30 +185,21 @@ class GenerationArgs:
     def returns_dict(self) -> bool:
         return bool(self.config.return_dict_in_generate)
 
-    @property
-    def plain(self) -> bool:
-        """Whether the fast path runs this call: no processor but temperature, top-k and
-        top-p, no stopping criterion but eos and length, no streamer, no scores kept."""
-        c = self.config
+    def fast_path(self, processors: Sequence[Any], criteria: Sequence[Any]) -> bool:
+        """Whether the loop's fast path can run this call in place of ``processors`` and
+        ``criteria`` (this call's, from :meth:`logits_processors` and :meth:`stopping`):
+        the only processors are the sampling warpers it applies itself (temperature,
+        top-k, top-p, see :attr:`sampling`), none of them the caller's; no stopping
+        criterion but eos and length; no streamer; no scores kept."""
+        from transformers.generation import logits_process as lp
+
+        fast = (lp.TemperatureLogitsWarper, lp.TopKLogitsWarper, lp.TopPLogitsWarper)
         return (
             not self.logits_processor
-            and not self.stopping_criteria
+            and not criteria
             and self.streamer is None
             and not self.returns_dict
-            and c.repetition_penalty == 1.0
-            and not c.no_repeat_ngram_size
-            and not c.min_new_tokens
-            and not c.min_length
-            and not c.bad_words_ids
-            and not c.sequence_bias
-            and not c.suppress_tokens
-            and not c.begin_suppress_tokens
-            and not c.remove_invalid_values
-            and not c.renormalize_logits
-            and not c.stop_strings
-            and c.max_time is None
-            and (not c.do_sample or (c.min_p is None and _off(c.typical_p, 1.0)))
-            and (not c.do_sample or (_off(c.epsilon_cutoff, 0.0) and _off(c.eta_cutoff, 0.0)))
+            and all(type(p) in fast for p in processors)
         )
 
     @property
@@ -325,14 +310,6 @@ def token_ids(name: str, value: Any) -> list[int]:
     return list(items)
 
 
-def _number(name: str, value: Any, *, low: float, high: float | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a finite number, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-
-
 def check_config(config: Any) -> None:
     """Refuse what the loop does not run and values Hugging Face would refuse, naming them."""
     for name, off in UNSUPPORTED.items():
@@ -368,9 +345,11 @@ def check_config(config: Any) -> None:
                 raise TypeError(f"top_p must be a number, got {config.top_p!r}")
             if not 0 < config.top_p <= 1:
                 raise ValueError(f"top_p must be in (0, 1], got {config.top_p}")
-    _number("repetition_penalty", config.repetition_penalty, low=0.0)
-    if config.repetition_penalty == 0:
-        raise ValueError("repetition_penalty must be > 0, got 0")
+    penalty = config.repetition_penalty
+    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)):
+        raise TypeError(f"repetition_penalty must be a number, got {penalty!r}")
+    if not (math.isfinite(penalty) and penalty > 0):
+        raise ValueError(f"repetition_penalty must be a finite number > 0, got {penalty}")
     check_int("no_repeat_ngram_size", config.no_repeat_ngram_size, 0)
     if config.min_new_tokens is not None:
         check_int("min_new_tokens", config.min_new_tokens, 0)
@@ -419,7 +398,7 @@ def resolve_generation(
             ids[name] = getattr(generation_config, name)
         else:
             ids[name] = defaults[index]
-    config = merged_config(model_config, generation_config, {**options, **ids})
+    config = _merged_config(model_config, generation_config, {**options, **ids})
     check_config(config)
     eos = token_ids("eos_token_id", config.eos_token_id)
     pad = config.pad_token_id
@@ -459,7 +438,6 @@ def resolve_generation(
 __all__ = [
     "GenerationArgs",
     "check_config",
-    "merged_config",
     "resolve_generation",
     "token_ids",
 ]

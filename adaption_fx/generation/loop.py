@@ -28,6 +28,7 @@ from adaption_fx.capture.gc_pause import paused_gc
 from adaption_fx.capture.variants import graph_variant
 from adaption_fx.generation.args import GenerationArgs, token_ids
 from adaption_fx.generation.options import EosTokenIds
+from adaption_fx.generation.text import text_chunks
 from adaption_fx.passes.cleanup import EliminateDeadCode, is_functional
 from adaption_fx.passes.codegen import GraphFunction
 from adaption_fx.passes.decode_step import decode_step_passes
@@ -467,10 +468,10 @@ def _steps(
     batch = ids.shape[0]
     eos_ids = torch.tensor(args.eos_token_ids, dtype=torch.long, device=device)
     pad = args.pad_token_id
-    plain = args.plain
+    processors = args.logits_processors(mask)
+    criteria = args.stopping()
+    plain = args.fast_path(processors, criteria)
     temperature, top_k, top_p = args.sampling
-    processors = None if plain else args.logits_processors(mask)
-    criteria = None if plain else args.stopping()
     use_cache = bool(args.config.use_cache)
     streamer = args.streamer
     # Left padding: a token's position counts only the real tokens before it.
@@ -616,9 +617,13 @@ def run_generation(
 ) -> Any:
     """What every model's ``generate`` and ``stream`` do once their options are resolved:
     a session for the call's rows (each row's adapter repeated for its
-    ``num_return_sequences``), then :func:`generate` or :func:`stream`."""
+    ``num_return_sequences``), then :func:`generate`, or :func:`stream` (its text pieces,
+    :func:`adaption_fx.generation.text.text_chunks`, where the call names a tokenizer)."""
     copies = args.num_return_sequences
     if adapter_names is not None and copies > 1:
         adapter_names = [name for name in adapter_names for _ in range(copies)]
-    run = stream if streaming else generate
-    return run(new_session(adapter_names), input_ids, attention_mask, args, max_length=max_length)
+    session = new_session(adapter_names)
+    if not streaming:
+        return generate(session, input_ids, attention_mask, args, max_length=max_length)
+    tokens = stream(session, input_ids, attention_mask, args, max_length=max_length)
+    return tokens if args.tokenizer is None else text_chunks(tokens, args.tokenizer)

@@ -20,7 +20,6 @@ from adaption_fx.config import AdaptionConfig
 from adaption_fx.generation.args import resolve_generation
 from adaption_fx.generation.loop import TorchSession, generation_defaults, run_generation
 from adaption_fx.generation.options import EosTokenIds
-from adaption_fx.generation.text import text_chunks
 from adaption_fx.model.eager import GradientCheckpointing, eager_graph
 from adaption_fx.model.graph_store import GraphStore, StructureGraphs, StructureKey
 from adaption_fx.model.hf_api import HuggingFaceModelAPI, signed_forward, with_causal_lm_loss
@@ -531,7 +530,7 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
                 model's ``max_position_embeddings``, else 2048). A different value than the
                 current twin's recaptures.
         """
-        decoder = self._store.decode_twin()
+        decoder = self._store.decode_twin
         if decoder is None or (max_length is not None and max_length != decoder.max_length):
             source = self.source_model
             if source is None:
@@ -552,7 +551,7 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
                     f"{[s.module_path for s in self._sites]}"
                 )
             decoder = DecodeStepTwin(self, decode.captured, sites, decode.max_length, decode.layout)
-            self._store.set_decode_twin(decoder)
+            self._store.decode_twin = decoder
         decoder.follow_parent()
         return decoder
 
@@ -613,9 +612,7 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         1), the decoded text as it becomes printable (transformers' ``TextStreamer`` rules,
         special tokens skipped). Breaking out of the loop ends the generation.
         """
-        # OrtModel.stream has the same shape: each model resolves its own defaults and
-        # sessions in _generation; the steps are run_generation's, the text text_chunks'.
-        tokens = self._generation(
+        return self._generation(
             input_ids,
             attention_mask,
             generation_config,
@@ -624,7 +621,6 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
             {**kwargs, "tokenizer": tokenizer},
             streaming=True,
         )
-        return tokens if tokenizer is None else text_chunks(tokens, tokenizer)
 
     def _generation(
         self,

@@ -10,7 +10,7 @@ layers, gate), so adapters that agree on it share them. For one capture, the sto
   folded keys, values and gates) that the folded graphs and the mixed-batch table read;
 - the mixed-batch graph of each capture and the adapter table built from the adapters'
   current tensors;
-- the decode-step twin (:meth:`decode_twin`), a second AdaptedModel over the decode-step
+- the decode-step twin (``decode_twin``), a second AdaptedModel over the decode-step
   capture with a store of its own.
 
 What is derived from one of these graph modules (its training twin, the eager decode step
@@ -89,7 +89,9 @@ class GraphStore:
         self._projections: dict[StructureKey, tuple[torch.fx.GraphModule, tuple[str, ...]]] = {}
         self._mixed: dict[bool, tuple[tuple[str, ...], MixedGraph]] = {}
         self._table: tuple[Hashable, Any] | None = None
-        self._decode_twin: Any = None
+        # The decode-step twin (an AdaptedModel of the decode-step capture), set by
+        # AdaptedModel.decoder on first use.
+        self.decode_twin: Any = None
 
     # ----------------------------------------------------------------- rewritten graphs
     def build(
@@ -186,21 +188,12 @@ class GraphStore:
             self._table = (state, build())
         return self._table[1]
 
-    # ----------------------------------------------------------------- decode step
-    def decode_twin(self) -> Any:
-        """The decode-step twin stored by :meth:`set_decode_twin`, or None."""
-        return self._decode_twin
-
-    def set_decode_twin(self, twin: Any) -> None:
-        """Keep ``twin`` (an AdaptedModel of the decode-step capture) as this capture's."""
-        self._decode_twin = twin
-
     # ----------------------------------------------------------------- sharding
     def release_base_holders(self) -> None:
         """Drop every graph that holds base weights beyond the masked rewritten graphs: the
         decode twin, the causal capture and its graphs, folded and mixed graphs, the table
         and the projections (for sharding the base: no full copy may stay alive)."""
-        self._decode_twin = None
+        self.decode_twin = None
         self.captured.reference_weight = None
         self.captured.causal = None
         self.causal_sites = None
