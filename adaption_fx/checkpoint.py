@@ -1,5 +1,10 @@
 """Adapter checkpoints in PEFT's layout: adapter_config.json + adapter_model.safetensors.
 
+A second layout is read too: a plain ``transformers.Trainer`` saves ``model.state_dict()``
+as ``model.safetensors`` and nothing else of the model; an AdaptedModel's state dict holds
+adapter_config.json's content as its ``_extra_state`` entry (UTF-8 JSON in a uint8 tensor),
+so that file alone says what the adapter is.
+
 Files are written into a temporary directory beside the target and renamed into place,
 so an interrupted save leaves either the previous checkpoint or the new one, never a mix.
 Everything read is checked (method, sizes, keys, shapes, finiteness) before a model is
@@ -28,6 +33,11 @@ CONFIG_NAME = "adapter_config.json"
 # fields: PEFT's scalar identity gate; any other gate keeps its fields there).
 EXTRAS_NAME = "adaption_fx.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+# transformers' SAFE_WEIGHTS_NAME: what a plain Trainer writes for a model that is not a
+# PreTrainedModel or PeftModel (``model.state_dict()``, keys as they are).
+TRAINER_WEIGHTS_NAME = "model.safetensors"
+# nn.Module's key for get_extra_state() at the root of a state dict.
+EXTRA_STATE_KEY = "_extra_state"
 PEFT_KEY_PREFIX = "base_model.model."
 PEFT_TYPE = "ADAPTION_PROMPT"
 DEFAULT_ADAPTER = "default"
@@ -61,29 +71,106 @@ def _subfolders_with_adapters(root: Path) -> list[str]:
 
 
 def read_config_dict(directory: PathLike) -> dict[str, Any]:
-    """The parsed adapter_config.json of a checkpoint directory, checked to be LLaMA-Adapter."""
+    """The adapter config of a checkpoint directory, checked to be LLaMA-Adapter: its
+    adapter_config.json or, in a plain Trainer's output, the config inside
+    ``model.safetensors``."""
     root = Path(directory)
     path = root / CONFIG_NAME
     if not path.is_file():
+        if (root / TRAINER_WEIGHTS_NAME).is_file():
+            return _config_of_trainer_weights(root / TRAINER_WEIGHTS_NAME)
         hint = ""
         if root.is_dir() and (subs := _subfolders_with_adapters(root)):
             hint = f"; it has adapter subfolders {subs}: pass one of them or its adapter_name"
+        elif (root / "pytorch_model.bin").is_file():
+            hint = (
+                "; its pytorch_model.bin (a pickle, Trainer's save_safetensors=False) is not "
+                "read: save with safetensors"
+            )
         if not root.exists():
             raise FileNotFoundError(f"adapter checkpoint directory {str(root)!r} does not exist")
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {str(root)!r}{hint}")
+        raise FileNotFoundError(
+            f"no {CONFIG_NAME} or {TRAINER_WEIGHTS_NAME} in {str(root)!r}{hint}"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    return _checked_config(data, str(path))
+
+
+def _checked_config(data: Any, where: str) -> dict[str, Any]:
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        raise CheckpointError(f"{where} must hold a JSON object, got {type(data).__name__}")
     peft_type = data.get("peft_type")
     if peft_type != PEFT_TYPE:
         raise CheckpointError(
-            f"{path} is a config for peft_type {peft_type!r}; adaption-fx loads "
+            f"{where} is a config for peft_type {peft_type!r}; adaption-fx loads "
             f"{PEFT_TYPE!r} (LLaMA-Adapter) checkpoints only"
         )
     return data
+
+
+def config_tensor(config: Mapping[str, Any]) -> torch.Tensor:
+    """adapter_config.json's content as a state dict entry: UTF-8 JSON in a uint8 tensor
+    (a safetensors file holds tensors only)."""
+    text = json.dumps(dict(config), sort_keys=True)
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8)
+
+
+def config_from_tensor(value: Any, where: str) -> dict[str, Any]:
+    """The config dict a :func:`config_tensor` holds, checked to be LLaMA-Adapter's."""
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
+        raise CheckpointError(
+            f"{where}: {EXTRA_STATE_KEY} must be a 1-D uint8 tensor of adapter config JSON, "
+            f"got {_describe(value)}"
+        )
+    try:
+        data = json.loads(bytes(value.cpu().tolist()).decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"{where}: {EXTRA_STATE_KEY} is not adapter config JSON: {exc}"
+        ) from exc
+    return _checked_config(data, f"{where} ({EXTRA_STATE_KEY})")
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dim()}-D {value.dtype} tensor"
+    return type(value).__name__
+
+
+def _config_of_trainer_weights(path: Path) -> dict[str, Any]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            if EXTRA_STATE_KEY not in f.keys():
+                raise CheckpointError(
+                    f"{path} has no {EXTRA_STATE_KEY} entry, so it says nothing of the "
+                    "adapter's config (it was not saved from an AdaptedModel's state_dict()), "
+                    f"and there is no {CONFIG_NAME} beside it"
+                )
+            value = f.get_tensor(EXTRA_STATE_KEY)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}"
+        ) from exc
+    return config_from_tensor(value, str(path))
+
+
+def read_adapter_state(directory: PathLike) -> tuple[dict[str, torch.Tensor], str]:
+    """An adapter's tensors with our keys (``model.layers.3.self_attn.adaption_prompt``),
+    and the file they came from: PEFT's adapter_model.safetensors where the directory has
+    adapter_config.json, else a plain Trainer's model.safetensors (its config entry left
+    out; :func:`read_config_dict` reads it)."""
+    root = Path(directory)
+    if not (root / CONFIG_NAME).is_file() and (root / TRAINER_WEIGHTS_NAME).is_file():
+        where = str(root / TRAINER_WEIGHTS_NAME)
+        state = _load_safetensors(root / TRAINER_WEIGHTS_NAME)
+        state.pop(EXTRA_STATE_KEY, None)
+        return state, where
+    return from_peft_keys(read_tensors(root), str(root / WEIGHTS_NAME)), str(root / WEIGHTS_NAME)
 
 
 def write_adapter_config(
@@ -135,12 +222,16 @@ def _umask() -> int:
 
 def read_tensors(directory: PathLike) -> dict[str, torch.Tensor]:
     """The tensors of ``directory/adapter_model.safetensors``, with clear errors."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_NAME} in {str(Path(directory))!r}")
+    return _load_safetensors(path)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:

@@ -189,10 +189,10 @@ def nonzero_gates(ours: Any, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     state = {
         k: (torch.randn(v.shape, generator=g) * 0.01 if k.endswith("adaption_gate") else v)
-        for k, v in ours.state_dict().items()
+        for k, v in ours.adapter_state_dict().items()
     }
     ours.load_state_dict(state)
-    return {k: v.detach().clone() for k, v in ours.state_dict().items()}
+    return {k: v.detach().clone() for k, v in ours.adapter_state_dict().items()}
 
 
 def peft_model_for(pristine: Any, adapter_len: int, layers: int, state: dict[str, torch.Tensor]):

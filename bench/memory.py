@@ -264,7 +264,9 @@ def compare(cfg: MemoryConfig, base: Any | None = None) -> dict[str, Any]:
         )
         ours = rewrite(base, adapter)
         g = torch.Generator().manual_seed(1)
-        state = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in ours.state_dict().items()}
+        state = {
+            k: torch.randn(v.shape, generator=g) * 0.1 for k, v in ours.adapter_state_dict().items()
+        }
         ours.load_state_dict(state)
         feed = _feed(base, cfg.batch, cfg.seq)
         counts = {"ours": step_memory(ours, feed)}

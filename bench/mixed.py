@@ -83,7 +83,7 @@ def _toy_model(quick: bool) -> Any:
 def _randomize(model: AdaptedModel, name: str, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     model.set_adapter(name)
-    state = model.state_dict()
+    state = model.adapter_state_dict()
     model.load_state_dict(
         {k: (torch.randn(v.shape, generator=g) * 0.1).to(v.dtype) for k, v in state.items()}
     )

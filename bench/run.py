@@ -106,7 +106,9 @@ def adapted_pair(base, cfg: Config, adapter_len: int | None = None):
     n = adapter_len or cfg.adapter_len
     ours = rewrite(base, AdaptionConfig(adapter_len=n, adapter_layers=cfg.adapter_layers))
     g = torch.Generator().manual_seed(1)
-    state = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in ours.state_dict().items()}
+    state = {
+        k: torch.randn(v.shape, generator=g) * 0.1 for k, v in ours.adapter_state_dict().items()
+    }
     ours.load_state_dict(state)
     peft_model = get_peft_model(
         copy.deepcopy(base),

@@ -611,8 +611,7 @@ class OrtModel:
             )
         paths = all_sites[len(all_sites) - layers :]
         self._covered(paths, str(folder), layers)
-        where = str(folder / ckpt.WEIGHTS_NAME)
-        state = ckpt.from_peft_keys(ckpt.read_tensors(folder), where)
+        state, where = ckpt.read_adapter_state(folder)
         sites = {s.module_path: s for s in self._table_sites}
         expected: dict[str, tuple[int, ...]] = {}
         for path in paths:
@@ -693,8 +692,7 @@ class OrtModel:
 
         config = AdaptionConfig.from_pretrained(directory)
         self._check_structure(config.to_dict(), str(directory))
-        where = str(directory / ckpt.WEIGHTS_NAME)
-        state = ckpt.from_peft_keys(ckpt.read_tensors(directory), where)
+        state, where = ckpt.read_adapter_state(directory)
         expected = self.metadata.get("raw_adapter_inputs", [])
         missing = [k for k in expected if k not in state]
         unexpected = sorted(set(state) - set(expected))

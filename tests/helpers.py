@@ -59,7 +59,7 @@ def randomize_adapter(model, seed: int = 0, gate_scale: float = 0.5) -> dict[str
     """Give the active adapter random prompts and non-zero gates; return the tensors."""
     g = torch.Generator().manual_seed(seed)
     state = {}
-    for key, value in model.state_dict().items():
+    for key, value in model.adapter_state_dict().items():
         t = torch.randn(value.shape, generator=g, dtype=torch.float32)
         if key.endswith("adaption_gate"):
             t = t * gate_scale

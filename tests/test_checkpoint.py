@@ -166,7 +166,7 @@ def test_checkpoint_keys_are_peft_keys(tmp_path):
     with safe_open(str(tmp_path / WEIGHTS_NAME), "pt") as f:
         keys = sorted(f.keys())
         assert f.metadata() == {"format": "pt"}
-    assert keys == sorted(PEFT_KEY_PREFIX + k for k in ours.state_dict())
+    assert keys == sorted(PEFT_KEY_PREFIX + k for k in ours.adapter_state_dict())
     assert keys[0] == "base_model.model.model.layers.2.self_attn.adaption_gate"
 
 
@@ -212,6 +212,6 @@ def test_tensors_are_cast_to_the_adapter_dtype(tmp_path):
     state = randomize_adapter(fp32, seed=4)
     fp32.save_adapter(tmp_path)
     bf16 = rewrite(tiny_llama().to(torch.bfloat16), tmp_path)
-    for key, value in bf16.state_dict().items():
+    for key, value in bf16.adapter_state_dict().items():
         assert value.dtype == torch.bfloat16
         assert torch.equal(value, state[key].to(torch.bfloat16))

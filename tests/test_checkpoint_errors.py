@@ -179,7 +179,7 @@ def test_path_is_a_file(adapted, tmp_path):
 def test_directory_without_config(adapted, tmp_path):
     (tmp_path / "empty").mkdir()
     snap = snapshot_state(adapted)
-    with pytest.raises(FileNotFoundError, match=f"no {CONFIG} in") as info:
+    with pytest.raises(FileNotFoundError, match=f"no {CONFIG} or model.safetensors in") as info:
         adapted.load_adapter(tmp_path / "empty")
     assert "subfolders" not in str(info.value)
     assert_state_unchanged(adapted, snap)
@@ -500,16 +500,40 @@ def _bad_dirs(tmp_path: Path, saved: Path) -> dict[str, tuple[Path, type, str]]:
     (broken / CONFIG).write_text("{")
     zero = _copy(saved, tmp_path, "zero")
     _edit_config(zero, adapter_len=0)
+    # A plain Trainer's layout: model.safetensors, our keys, the config as _extra_state.
+    tensors = {k[len(PREFIX) :]: v for k, v in load_file(str(saved / WEIGHTS)).items()}
+    (no_entry := tmp_path / "no-entry").mkdir()
+    save_file(tensors, str(no_entry / "model.safetensors"))
+    (bad_entry := tmp_path / "bad-entry").mkdir()
+    garbage = {**tensors, "_extra_state": torch.zeros(8, dtype=torch.uint8)}
+    save_file(garbage, str(bad_entry / "model.safetensors"))
+    (pickled := tmp_path / "pickled").mkdir()
+    (pickled / "pytorch_model.bin").write_bytes(b"not read")
     return {
         "missing": (missing, FileNotFoundError, "does not exist"),
         "empty": (empty, FileNotFoundError, f"no {CONFIG}"),
         "lora": (lora, CheckpointError, "peft_type 'LORA'"),
         "broken": (broken, CheckpointError, "not valid JSON"),
         "len-0": (zero, CheckpointError, "adapter_len must be a positive int"),
+        "trainer-no-entry": (no_entry, CheckpointError, "has no _extra_state entry"),
+        "trainer-bad-entry": (bad_entry, CheckpointError, "_extra_state is not adapter config"),
+        "pickle": (pickled, FileNotFoundError, r"pytorch_model.bin \(a pickle"),
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "lora", "broken", "len-0"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "empty",
+        "lora",
+        "broken",
+        "len-0",
+        "trainer-no-entry",
+        "trainer-bad-entry",
+        "pickle",
+    ],
+)
 def test_rewrite_with_a_bad_config_directory_fails_before_capture(
     saved, tmp_path, monkeypatch, case
 ):

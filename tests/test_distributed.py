@@ -332,7 +332,7 @@ def worker_cli(dump: Path, argv: list[str]) -> int:
         result = real_run(self, resume)
         dump.mkdir(parents=True, exist_ok=True)
         name = f"rank{self.parallel.rank}"
-        save_file(self.model.state_dict(), dump / f"{name}.safetensors")
+        save_file(self.model.adapter_state_dict(), dump / f"{name}.safetensors")
         (dump / f"{name}.json").write_text(json.dumps(self.model.is_gradient_checkpointing))
         return result
 

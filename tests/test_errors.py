@@ -143,7 +143,7 @@ def test_bad_adapter_calls_change_nothing(adapted, call, exc, pattern):
 
 
 def test_load_state_dict_checks_every_shape_before_writing(adapted):
-    state = {k: torch.full_like(v, 7.0) for k, v in adapted.state_dict().items()}
+    state = {k: torch.full_like(v, 7.0) for k, v in adapted.adapter_state_dict().items()}
     last = sorted(state)[-1]
     state[last] = torch.zeros(1, 99, 64)
     snap = snapshot_state(adapted)

@@ -606,7 +606,7 @@ def test_state_dict_keys(adapted, name):
     for p in paths:
         expected[f"{p}.adaption_prompt"] = (1, fam.adapter_len, hidden_size(src))
         expected[f"{p}.adaption_gate"] = (1,)
-    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected
+    assert {k: tuple(v.shape) for k, v in model.adapter_state_dict().items()} == expected
     assert [s.module_path for s in model.adapted_sites()] == paths
 
 
@@ -672,7 +672,7 @@ def test_bf16(name):
         src, AdaptionConfig(adapter_len=fam.adapter_len, adapter_layers=fam.adapter_layers)
     )
     state = randomize_adapter(model, seed=7)
-    assert state and all(v.dtype == torch.bfloat16 for v in model.state_dict().values())
+    assert state and all(v.dtype == torch.bfloat16 for v in model.adapter_state_dict().values())
     got = run(model, name)
     assert got.dtype == torch.bfloat16
     expected = run_reference(src, name, state)

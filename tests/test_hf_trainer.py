@@ -86,10 +86,10 @@ def model(source):
     return rewrite(source, CONFIG)
 
 
-def fresh_adapter(model: AdaptedModel, seed: int = 0) -> str:
+def fresh_adapter(model: AdaptedModel, seed: int = 0, config: AdaptionConfig = CONFIG) -> str:
     """Add an adapter with random prompts and non-zero gates and make it active."""
     name = f"t{next(_names)}"
-    model.add_adapter(name, CONFIG)
+    model.add_adapter(name, config)
     model.set_adapter(name)
     randomize_adapter(model, seed=seed)
     return name
@@ -384,7 +384,7 @@ def test_save_model_writes_the_adapter_in_peft_format(model, source, tmp_path):
     model.save_adapter(tmp_path / "reference", name)
     reference = tmp_path / "reference" / name
     saved = load_file(out / WEIGHTS_NAME)
-    assert sorted(saved) == sorted(PEFT_KEY_PREFIX + k for k in model.state_dict())
+    assert sorted(saved) == sorted(PEFT_KEY_PREFIX + k for k in model.adapter_state_dict())
     assert_tensors_equal(saved, load_file(reference / WEIGHTS_NAME))
     config = json.loads((out / CONFIG_NAME).read_text())
     assert config == json.loads((reference / CONFIG_NAME).read_text())
@@ -398,6 +398,49 @@ def test_save_model_writes_the_adapter_in_peft_format(model, source, tmp_path):
         assert_rel_close(peft_model(input_ids=ids, attention_mask=mask).logits, ours, 1e-5)
         again = rewrite(source, out)
         assert torch.equal(again(input_ids=ids, attention_mask=mask).logits, ours)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        CONFIG,
+        AdaptionConfig(adapter_len=3, adapter_layers=2, gate="per_head", gate_activation="tanh"),
+    ],
+    ids=["peft-gate", "tanh-per-head-gate"],
+)
+def test_plain_trainer_output_loads_with_rewrite_and_load_adapter(model, source, tmp_path, config):
+    """``transformers.Trainer``, no subclass: ``save_model`` writes ``model.safetensors``
+    (``state_dict()``: the tensors and the adapter's config), which ``rewrite(base, dir)``
+    and ``load_adapter`` read as the adapter it is, the gate variant included (the tanh
+    gate has the identity gate's shapes: only the config entry tells them apart). Saved
+    again with ``save_pretrained``, PEFT loads it."""
+    fresh_adapter(model, seed=3, config=config)
+    trainer = Trainer(model=model, args=training_args(tmp_path / "run"), train_dataset=TRAIN)
+    trainer.train()
+    final = tmp_path / "final"
+    trainer.save_model(str(final))
+    assert sorted(p.name for p in final.iterdir()) == ["model.safetensors", "training_args.bin"]
+    trained = adapter_tensors(model)
+    ids = torch.stack([r["input_ids"] for r in EVAL])
+    mask = torch.stack([r["attention_mask"] for r in EVAL])
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        again = rewrite(source, final)
+        assert again.adapters == {"default": config}
+        assert_tensors_equal(adapter_tensors(again), trained)
+        assert torch.equal(again(input_ids=ids, attention_mask=mask).logits, expected)
+
+        model.load_adapter(final, "from_trainer")
+        assert model.adapters["from_trainer"] == config
+        assert_tensors_equal(adapter_tensors(model, "from_trainer"), trained)
+        model.delete_adapter("from_trainer")
+
+        if config.peft_expressible:
+            peft = pytest.importorskip("peft")
+            again.save_pretrained(tmp_path / "peft")
+            peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(source), tmp_path / "peft")
+            logits = peft_model.eval()(input_ids=ids, attention_mask=mask).logits
+            assert_rel_close(logits, expected, 1e-5)
 
 
 @pytest.mark.parametrize("trainer_class", [Trainer, AdapterTrainer])
@@ -453,7 +496,7 @@ def test_load_best_model_at_end_reads_the_best_adapter_back(model, tmp_path):
     assert best.name == "checkpoint-2"
     saved = load_file(best / WEIGHTS_NAME)
     last = load_file(tmp_path / "checkpoint-4" / WEIGHTS_NAME)
-    for key, value in model.state_dict().items():
+    for key, value in model.adapter_state_dict().items():
         assert torch.equal(value, saved[PEFT_KEY_PREFIX + key]), key
         assert not torch.equal(value, last[PEFT_KEY_PREFIX + key]), key
 

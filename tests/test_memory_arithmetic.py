@@ -117,7 +117,7 @@ def test_saved_bytes_per_token_match_the_formulas(arith):
         model.load_state_dict(
             {
                 k: (torch.randn(v.shape, generator=g) * 0.1).to(v.dtype)
-                for k, v in model.state_dict().items()
+                for k, v in model.adapter_state_dict().items()
             }
         )
         ids = torch.randint(0, shape.vocab, (batch, seq), generator=g)

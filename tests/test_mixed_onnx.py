@@ -281,6 +281,31 @@ def test_base_rows_without_any_adapter(model, forward_path):
     np.testing.assert_array_equal(outputs["logits"], out)
 
 
+def test_plain_trainer_file(model, forward_path, tmp_path):
+    """A plain Trainer's model.safetensors (``state_dict()``, the config as its
+    ``_extra_state``) sets a table entry like the adapter itself."""
+    from safetensors.torch import save_file
+
+    active = model.active_adapter
+    model.set_adapter("wide")
+    try:
+        save_file(
+            model.state_dict(), str(tmp_path / "model.safetensors"), metadata={"format": "pt"}
+        )
+    finally:
+        model.set_adapter(active)
+    ort = with_adapters(forward_path, model, ["default"])
+    ort.set_adapter_weights(tmp_path, adapter_name="from_trainer")
+    ort.set_adapter_weights(model, adapter_name="wide")
+    ids, mask = batch(3, 7, seed=14)
+    out = ort(input_ids=ids, attention_mask=mask, adapter_names=["from_trainer", "default", "wide"])
+    out = torch.as_tensor(np.asarray(out))
+    for row in (0, 2):
+        assert_rows_alone(
+            model, out[row : row + 1], ids[row : row + 1], mask[row : row + 1], ["wide"]
+        )
+
+
 def test_peft_checkpoint_directory(model, forward_path, tmp_path):
     peft = pytest.importorskip("peft")
     source = tiny_mistral()  # the same seeded weights as the model's source

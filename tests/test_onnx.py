@@ -374,6 +374,20 @@ def test_adapter_inputs_need_weights_first(inputs_path):
         ort(input_ids=ids, attention_mask=mask)
 
 
+def test_set_adapter_weights_from_a_plain_trainer_file(models, inputs_path, tmp_path):
+    """A plain Trainer's model.safetensors (``state_dict()``: tensors and config) works
+    as an adapter directory."""
+    from safetensors.torch import save_file
+
+    _, model = models
+    model.set_adapter("default")
+    save_file(model.state_dict(), str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    ort = OrtModel(inputs_path)
+    ort.set_adapter_weights(tmp_path)
+    ids, mask = padded_batch(3, 7, seed=71)
+    assert_close_at_tokens(ort(input_ids=ids, attention_mask=mask), eager(model, ids, mask), mask)
+
+
 def test_set_adapter_weights_on_baked_file(models, baked_path, checkpoint_dir):
     _, model = models
     ort = OrtModel(baked_path)

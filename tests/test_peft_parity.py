@@ -91,7 +91,7 @@ def test_zero_init_is_bit_identical_to_peft_and_base(source_and_ours):
     peft_model = make_peft(src, DEFAULT_LEN, DEFAULT_LAYERS)
 
     # Same keys and shapes as PEFT, PEFT's prefix aside; gates start at zero.
-    ours_state = ours.state_dict()
+    ours_state = ours.adapter_state_dict()
     peft_params = peft_adaption_params(peft_model)
     assert {PEFT_PREFIX + k for k in ours_state} == set(peft_params)
     for key, value in ours_state.items():

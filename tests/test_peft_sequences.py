@@ -197,7 +197,7 @@ def test_switching_adapters_never_copies_base_weights(inputs):
         assert torch.equal(logits(adapted, input_ids, attention_mask), expected)
     for name in adapted.adapters:
         adapted.set_adapter(name)
-        zero = {k: torch.zeros_like(v) for k, v in adapted.state_dict().items()}
+        zero = {k: torch.zeros_like(v) for k, v in adapted.adapter_state_dict().items()}
         adapted.load_state_dict(zero)
         assert torch.equal(logits(adapted, input_ids, attention_mask), expected), name
 

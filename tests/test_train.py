@@ -208,7 +208,10 @@ def test_grad_accumulation_equals_one_large_batch(adapted, tokenizer, tmp_path):
             counts = [sum(data[i].response_tokens for i in batch) for batch in run.plan[0]]
             assert counts[0] != counts[1], counts  # the normalisation is put to the test
         run.run()
-        results[batch_size] = (adapted.state_dict(), [r["loss"] for r in train_records(out)])
+        results[batch_size] = (
+            adapted.adapter_state_dict(),
+            [r["loss"] for r in train_records(out)],
+        )
     (big, big_losses), (accum, accum_losses) = results[4], results[2]
     assert accum_losses == pytest.approx(big_losses, rel=1e-6)
     assert big.keys() == accum.keys()
@@ -253,7 +256,7 @@ def test_training_changes_only_the_active_adapter(adapted, tokenizer, tmp_path):
         assert torch.equal(value, before[key]), key
     # The final adapter at the root of --out is the trained one, whatever its name.
     saved = load_file(tmp_path / "run" / "adapter_model.safetensors")
-    trained = adapted.state_dict()
+    trained = adapted.adapter_state_dict()
     assert {k.removeprefix("base_model.model.") for k in saved} == set(trained)
     for key, value in saved.items():
         assert torch.equal(value, trained[key.removeprefix("base_model.model.")]), key
@@ -558,7 +561,7 @@ def test_compiled_training_follows_the_eager_run(adapted, tokenizer, tmp_path):
         finetune(
             adapted, data, tmp_path / str(compiled), max_steps=3, batch_size=2, compile=compiled
         ).run()
-        states[compiled] = adapted.state_dict()
+        states[compiled] = adapted.adapter_state_dict()
     for key, eager in states[False].items():
         assert eager.abs().max() > 0, key
         torch.testing.assert_close(states[True][key], eager, rtol=1e-5, atol=1e-6)

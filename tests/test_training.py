@@ -75,7 +75,7 @@ def test_parameter_init_and_count():
         AdaptionConfig(adapter_len=6, adapter_layers=3, gate="per_head"),
         generator=torch.Generator().manual_seed(0),
     )
-    state = model.state_dict()
+    state = model.adapter_state_dict()
     assert len(state) == 2 * 3  # exactly two tensors per adapted layer, as PEFT saves
     prompts = [v for k, v in state.items() if k.endswith("adaption_prompt")]
     gates = [v for k, v in state.items() if k.endswith("adaption_gate")]
@@ -90,7 +90,7 @@ def test_parameter_init_and_count():
 def test_prompt_dtype_follows_the_projection_weight():
     source = tiny_llama().to(torch.bfloat16)
     model = rewrite(source, AdaptionConfig(adapter_len=2, adapter_layers=1))
-    assert {v.dtype for v in model.state_dict().values()} == {torch.bfloat16}
+    assert {v.dtype for v in model.adapter_state_dict().values()} == {torch.bfloat16}
     ids, mask = padded_batch()
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask).logits

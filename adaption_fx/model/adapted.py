@@ -675,25 +675,68 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         return {k: v.detach() for k, v in self.adapter_weights[name].named_parameters()}
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        """The active adapter's tensors (the base weights belong to the source model).
+        """The active adapter's tensors (the base weights belong to the source model) and
+        its config.
 
-        Keys are PEFT's without ``base_model.model.``, e.g.
-        ``model.layers.3.self_attn.adaption_prompt``.
+        Tensor keys are PEFT's without ``base_model.model.``, e.g.
+        ``model.layers.3.self_attn.adaption_prompt``; the config is the ``_extra_state``
+        entry (:meth:`get_extra_state`), so that a file of this dict alone, such as the
+        ``model.safetensors`` a plain ``transformers.Trainer`` saves, loads with
+        ``rewrite(model, dir)``. :meth:`adapter_state_dict` gives the tensors alone.
         """
         if args or kwargs.get("destination") is not None:
             raise TypeError("AdaptedModel.state_dict() takes no destination/prefix arguments")
         if self._active is None:
             return {}
-        return self.adapter_state_dict(self._active)
+        return {
+            **self.adapter_state_dict(self._active),
+            ckpt.EXTRA_STATE_KEY: self.get_extra_state(),
+        }
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The active adapter's adapter_config.json content as a uint8 tensor of UTF-8
+        JSON: nn.Module's hook for state that is not a parameter, kept as a tensor so that
+        safetensors files (the Trainer's) can hold it."""
+        return ckpt.config_tensor(self._peft_config_dict(self._resolve(None)))
+
+    def set_extra_state(self, state: Any) -> None:
+        """Check a state dict's config entry (:meth:`get_extra_state`) against the active
+        adapter. It never changes the adapter: one of another config (say a ``tanh`` gate
+        where the active one has none, with the same tensor shapes) is refused with a
+        ``CheckpointError`` naming both, instead of loading tensors that would compute
+        something else."""
+        name = self._resolve(None)
+        where = "the state dict"
+        try:
+            data = ckpt.config_from_tensor(state, where)
+        except ckpt.CheckpointError as exc:
+            raise ckpt.CheckpointError(
+                f"{exc}; state_dict() holds the adapter's config as {ckpt.EXTRA_STATE_KEY}: "
+                "build tensors to load from adapter_state_dict(), which leaves it out"
+            ) from None
+        try:
+            config = AdaptionConfig.from_peft_dict(data, where=where)
+        except (TypeError, ValueError) as exc:
+            raise ckpt.CheckpointError(str(exc)) from exc
+        if config != self._configs[name]:
+            raise ckpt.CheckpointError(
+                f"the state dict holds an adapter with {config}, but the active adapter "
+                f"{name!r} has {self._configs[name]}"
+            )
 
     def load_state_dict(  # type: ignore[override]
         self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False
     ) -> IncompatibleKeys:
-        """Load tensors into the active adapter. All keys and shapes are checked before any
-        tensor is written, so a failed load leaves the adapter as it was."""
+        """Load tensors into the active adapter. All keys and shapes, and the config entry
+        where there is one (:meth:`set_extra_state`; a dict without it loads too), are
+        checked before any tensor is written, so a failed load leaves the adapter as it
+        was."""
         if assign:
             raise ValueError("assign=True is not supported: adapter tensors are copied in")
         name = self._resolve(None)
+        if ckpt.EXTRA_STATE_KEY in state_dict:
+            self.set_extra_state(state_dict[ckpt.EXTRA_STATE_KEY])
+            state_dict = {k: v for k, v in state_dict.items() if k != ckpt.EXTRA_STATE_KEY}
         params = dict(self.adapter_weights[name].named_parameters())
         missing = sorted(set(params) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(params))
@@ -732,11 +775,7 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
                 folder = tmp if name == ckpt.DEFAULT_ADAPTER else tmp / name
                 folder.mkdir(exist_ok=True)
                 config = self._configs[name]
-                peft_fields = config.to_peft_dict(
-                    target_modules=self._target_modules(name),
-                    task_type=self._captured.task_type,
-                    base_model_name_or_path=self._captured.name_or_path,
-                )
+                peft_fields = self._peft_config_dict(name)
                 ckpt.write_adapter_config(folder, peft_fields, config.extras_dict())
                 ckpt.write_tensors(folder, ckpt.to_peft_keys(self.adapter_state_dict(name)))
         logger.info("saved adapters %s to %s", names, directory)
@@ -748,7 +787,9 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         *,
         allow_non_finite: bool = False,
     ) -> None:
-        """Load an adapter saved by :meth:`save_adapter` or by PEFT's ``save_pretrained``.
+        """Load an adapter saved by :meth:`save_adapter`, by PEFT's ``save_pretrained``, or
+        by a plain ``transformers.Trainer`` (its ``model.safetensors``: the state dict,
+        config included, see :meth:`state_dict`).
 
         Adds it as ``adapter_name``, or replaces an adapter of that name (an active one
         stays active). For a name other than "default", ``directory/<adapter_name>`` is used
@@ -760,8 +801,7 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         check_adapter_name(adapter_name)
         folder = ckpt.adapter_directory(directory, adapter_name)
         config = AdaptionConfig.from_pretrained(folder)
-        where = str(folder / ckpt.WEIGHTS_NAME)
-        state = ckpt.from_peft_keys(ckpt.read_tensors(folder), where)
+        state, where = ckpt.read_adapter_state(folder)
         try:
             prepared = self._prepare(config)
         except ValueError as exc:
@@ -795,6 +835,14 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
                 params[key].copy_(value)
         self._commit(adapter_name, *prepared)
         logger.info("loaded adapter %r from %s", adapter_name, folder)
+
+    def _peft_config_dict(self, name: str) -> dict[str, Any]:
+        # adapter_config.json's content for adapter ``name``.
+        return self._configs[name].to_peft_dict(
+            target_modules=self._target_modules(name),
+            task_type=self._captured.task_type,
+            base_model_name_or_path=self._captured.name_or_path,
+        )
 
     def _target_modules(self, adapter_name: str) -> str | None:
         # PEFT's target_modules names the attention modules by their last path component.

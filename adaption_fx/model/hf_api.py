@@ -341,7 +341,8 @@ class HuggingFaceModelAPI:
         Args:
             is_main_process: False writes nothing (the other processes of a distributed run).
             state_dict: tensors to write instead of the active adapter's own, with exactly
-                its keys and shapes (``model.state_dict()``'s).
+                its keys and shapes (``model.state_dict()``'s; its config entry, if any,
+                must be the active adapter's).
             safe_serialization: must be True: adapters are written as safetensors only.
         """
         if kwargs:
@@ -359,6 +360,9 @@ class HuggingFaceModelAPI:
         if name is None:
             raise ValueError("there is no active adapter to save; add one with add_adapter()")
         if state_dict is not None:
+            if ckpt.EXTRA_STATE_KEY in state_dict:  # the config entry of state_dict()
+                self.set_extra_state(state_dict[ckpt.EXTRA_STATE_KEY])
+                state_dict = {k: v for k, v in state_dict.items() if k != ckpt.EXTRA_STATE_KEY}
             own = self.adapter_state_dict(name)
             if set(state_dict) != set(own) or any(
                 tuple(state_dict[k].shape) != tuple(v.shape) for k, v in own.items()

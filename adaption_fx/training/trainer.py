@@ -4,9 +4,12 @@ PEFT's format.
 The plain ``transformers.Trainer`` already trains, evaluates, checkpoints and resumes an
 AdaptedModel: only the active adapter's prompts and gates require grad, forward takes
 ``labels`` and ``num_items_in_batch`` and lists its inputs in its signature, and
-``state_dict()`` is the active adapter's tensors, so its checkpoints (``model.safetensors``)
-hold the adapter and never the base weights. What it cannot do is write PEFT's format: it
-calls ``save_pretrained`` only on ``PreTrainedModel`` and ``PeftModel`` instances.
+``state_dict()`` is the active adapter's tensors and its config (the ``_extra_state``
+entry), so its checkpoints and ``save_model`` (``model.safetensors``) hold the adapter, a
+complete one that ``rewrite(base, dir)`` and ``load_adapter`` read, and never the base
+weights. What it cannot do is write PEFT's format: ``Trainer._save`` calls
+``save_pretrained`` only on ``PreTrainedModel`` and ``PeftModel`` instances (``isinstance``
+checks, after unwrapping DDP/FSDP/compile) and offers no hook for other models.
 
 :class:`AdapterTrainer` changes only that. ``save_model`` and the periodic checkpoints
 write ``adapter_config.json`` + ``adapter_model.safetensors`` (what
@@ -55,8 +58,8 @@ def load_active_adapter(model: AdaptedModel, directory: str | os.PathLike) -> No
             f"{folder} holds an adapter with {config}, but the active adapter {name!r} has "
             f"{model.adapters[name]}; resume with the model the checkpoint was written from"
         )
-    where = str(folder / ckpt.WEIGHTS_NAME)
-    model.load_state_dict(ckpt.from_peft_keys(ckpt.read_tensors(folder), where))
+    state, _ = ckpt.read_adapter_state(folder)
+    model.load_state_dict(state)
     logger.info("loaded adapter %r from %s", name, folder)
 
 
