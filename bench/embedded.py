@@ -238,7 +238,9 @@ class Bench:
                 self.model, self.adaption, generator=torch.Generator().manual_seed(self.cfg.seed)
             )
         if self._zero_state is None:
-            self._zero_state = {k: v.detach().clone() for k, v in self._ours.state_dict().items()}
+            self._zero_state = {
+                k: v.detach().clone() for k, v in self._ours.adapter_state_dict().items()
+            }
         return self._ours
 
     def set_ours(self, adapted: Any) -> None:
