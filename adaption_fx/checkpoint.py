@@ -76,9 +76,9 @@ def read_config_dict(directory: PathLike) -> dict[str, Any]:
     ``model.safetensors``."""
     root = Path(directory)
     path = root / CONFIG_NAME
+    if (trainer_file := _trainer_weights(root)) is not None:
+        return _config_of_trainer_weights(trainer_file)
     if not path.is_file():
-        if (root / TRAINER_WEIGHTS_NAME).is_file():
-            return _config_of_trainer_weights(root / TRAINER_WEIGHTS_NAME)
         hint = ""
         if root.is_dir() and (subs := _subfolders_with_adapters(root)):
             hint = f"; it has adapter subfolders {subs}: pass one of them or its adapter_name"
@@ -109,6 +109,21 @@ def _checked_config(data: Any, where: str) -> dict[str, Any]:
             f"{PEFT_TYPE!r} (LLaMA-Adapter) checkpoints only"
         )
     return data
+
+
+def _trainer_weights(root: Path) -> Path | None:
+    # The Trainer layout is read only where PEFT's adapter_config.json is absent.
+    path = root / TRAINER_WEIGHTS_NAME
+    return path if not (root / CONFIG_NAME).is_file() and path.is_file() else None
+
+
+def split_config_entry(
+    state: Mapping[str, Any],
+) -> tuple[dict[str, torch.Tensor], Any]:
+    """A state dict's tensors apart from its config entry (``_extra_state``), and that
+    entry (None where there is none)."""
+    tensors = {k: v for k, v in state.items() if k != EXTRA_STATE_KEY}
+    return tensors, state.get(EXTRA_STATE_KEY)
 
 
 def config_tensor(config: Mapping[str, Any]) -> torch.Tensor:
@@ -165,11 +180,9 @@ def read_adapter_state(directory: PathLike) -> tuple[dict[str, torch.Tensor], st
     adapter_config.json, else a plain Trainer's model.safetensors (its config entry left
     out; :func:`read_config_dict` reads it)."""
     root = Path(directory)
-    if not (root / CONFIG_NAME).is_file() and (root / TRAINER_WEIGHTS_NAME).is_file():
-        where = str(root / TRAINER_WEIGHTS_NAME)
-        state = _load_safetensors(root / TRAINER_WEIGHTS_NAME)
-        state.pop(EXTRA_STATE_KEY, None)
-        return state, where
+    if (trainer_file := _trainer_weights(root)) is not None:
+        tensors, _ = split_config_entry(_load_safetensors(trainer_file))
+        return tensors, str(trainer_file)
     return from_peft_keys(read_tensors(root), str(root / WEIGHTS_NAME)), str(root / WEIGHTS_NAME)
 
 

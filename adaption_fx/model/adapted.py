@@ -734,9 +734,9 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         if assign:
             raise ValueError("assign=True is not supported: adapter tensors are copied in")
         name = self._resolve(None)
-        if ckpt.EXTRA_STATE_KEY in state_dict:
-            self.set_extra_state(state_dict[ckpt.EXTRA_STATE_KEY])
-            state_dict = {k: v for k, v in state_dict.items() if k != ckpt.EXTRA_STATE_KEY}
+        state_dict, entry = ckpt.split_config_entry(state_dict)
+        if entry is not None:
+            self.set_extra_state(entry)
         params = dict(self.adapter_weights[name].named_parameters())
         missing = sorted(set(params) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(params))

@@ -360,9 +360,9 @@ class HuggingFaceModelAPI:
         if name is None:
             raise ValueError("there is no active adapter to save; add one with add_adapter()")
         if state_dict is not None:
-            if ckpt.EXTRA_STATE_KEY in state_dict:  # the config entry of state_dict()
-                self.set_extra_state(state_dict[ckpt.EXTRA_STATE_KEY])
-                state_dict = {k: v for k, v in state_dict.items() if k != ckpt.EXTRA_STATE_KEY}
+            state_dict, entry = ckpt.split_config_entry(state_dict)
+            if entry is not None:  # state_dict()'s config entry
+                self.set_extra_state(entry)
             own = self.adapter_state_dict(name)
             if set(state_dict) != set(own) or any(
                 tuple(state_dict[k].shape) != tuple(v.shape) for k, v in own.items()
