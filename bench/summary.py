@@ -46,6 +46,17 @@ ROWS: tuple[tuple[str, str, str], ...] = (
         "training step: ours / PEFT (time)",
     ),
     ("embedded.md", "to_onnx(model, path, for_generation=True)", "to_onnx for generation, s"),
+    ("quantized.md", "int4 (GGUF blocks)", "int4 decode file (the GGUF's own blocks): size / fp32"),
+    (
+        "quantized.md",
+        "generation, batch 1: int4 (GGUF blocks) ORT / llama.cpp",
+        "generation, batch 1: int4 in ORT / llama.cpp, same GGUF (tokens/s)",
+    ),
+    (
+        "quantized.md",
+        "generation, batch 4: int4 (GGUF blocks) / fp32 ORT",
+        "generation, batch 4: int4 / fp32 in ORT (tokens/s)",
+    ),
     (
         "latest.md",
         "eager forward (GQA): ours / base",

@@ -156,6 +156,27 @@ def _computed_weight_hint(start: torch.fx.Node, scope: str) -> str:
     seen, queue = {start}, collections.deque([start])
     while queue:
         node = queue.popleft()
+        if node.op == "call_function" and node.target == aten.mm.default:
+            # A tensor-subclass weight (torchao's quantized tensors) reaches the graph as
+            # its inner tensors: torch.export unwraps it into access_subclass_inner_tensor
+            # calls feeding a matmul, with no linear node left to adapt.
+            unwrapped = sorted(
+                {
+                    str(a.args[0].target)
+                    for a in ancestors(node)
+                    if a.op == "call_function"
+                    and "access_subclass_inner_tensor" in str(a.target)
+                    and isinstance(a.args[0], torch.fx.Node)
+                }
+            )
+            if unwrapped:
+                return (
+                    f"; matmul {node.name!r} reads the inner tensors of the tensor-subclass "
+                    f"weight {unwrapped[0]!r} (a quantized weight, e.g. torchao's, which "
+                    "torch.export unwraps into a matmul and a rescale): the pass adapts "
+                    "projections that are linear (or addmm) nodes on a stored weight, so "
+                    "quantize after rewriting instead (to_onnx(..., weights='int4'))"
+                )
         if node.op == "call_function" and node.target == aten.linear.default:
             weight = node.args[1]
             upstream = ancestors(weight) if isinstance(weight, torch.fx.Node) else set()

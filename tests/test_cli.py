@@ -500,6 +500,37 @@ def test_export_for_generation_then_generate_in_onnx_runtime(
     assert out == trained_answers
 
 
+def test_export_int4_then_generate_in_onnx_runtime(models, trained, tmp_path, capsys, monkeypatch):
+    """--weights int4: a model directory (no GGUF) gets ONNX Runtime's block quantizer;
+    generate --onnx runs the file with no other option."""
+    import onnx
+
+    import adaption_fx.export
+
+    calls = []
+    original = adaption_fx.export.to_onnx
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(adaption_fx.export, "to_onnx", spy)
+    path = tmp_path / "int4.onnx"
+    argv = ["export", "--model", models.base, "--adapter", trained.out, "--out", path]
+    code, out, err = run(capsys, *argv, "--for-generation", "--weights", "int4", "--quiet")
+    assert code == 0, err
+    assert calls[0]["weights"] == "int4" and calls[0]["gguf_file"] is None
+    assert "MatMulNBits" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    argv = ["generate", "--model", models.base, "--onnx", path, "--max-new-tokens", NEW]
+    code, out, err = run(capsys, *argv, *PROMPTS)
+    assert code == 0, err
+    assert len(out.strip().splitlines()) >= len(PROMPTS)
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own usage error
+        main(["export", "--weights", "int3", "--adapter", str(trained.out), "--out", str(path)])
+    assert exit_info.value.code == 2
+    assert "argument --weights: invalid choice: 'int3'" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- eval
 def test_eval_reports_the_loss_over_response_tokens(models, trained, adapted, tmp_path, capsys):
     data = write_jsonl(tmp_path / "val.jsonl", [*VAL, *ALPACA[:3]])

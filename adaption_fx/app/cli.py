@@ -3,6 +3,7 @@
     adaption-fx finetune --data FILE [--model PATH] --out DIR [options]
     adaption-fx generate [--model PATH] [--adapter DIR | --onnx FILE] PROMPT...
     adaption-fx export   [--model PATH] --adapter DIR --out FILE.onnx [--for-generation]
+                         [--weights fp32|int8|int4]
     adaption-fx eval     [--model PATH] [--adapter DIR] --data FILE
     adaption-fx demo     the whole path on the embedded model and a generated task
 
@@ -473,6 +474,14 @@ def _export_parser(sub: Any) -> None:
         help="adapter tensors as graph inputs: one file for every adapter of this "
         "shape (a .adapter.onnx companion maps a checkpoint to them)",
     )
+    p.add_argument(
+        "--weights",
+        choices=["fp32", "int8", "int4"],
+        default="fp32",
+        help="the base model's matmul weights in the file: int4/int8 run as ONNX Runtime "
+        "MatMulNBits blocks of 32; from a .gguf model its own Q4_0/Q4_1/Q8_0 blocks are "
+        "carried over unchanged (default: fp32)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_export)
 
@@ -486,6 +495,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise UsageError(f"--out {args.out!r} is a directory")
     loaded = _load(args.model)
+    is_gguf = Path(loaded.source).suffix == ".gguf"
     model = _adapted(loaded.model, args.adapter)
     written = to_onnx(
         model,
@@ -493,6 +503,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         for_generation=args.for_generation,
         adapter_as_inputs=args.adapter_as_inputs,
         progress=False if args.quiet else None,
+        weights=args.weights,
+        gguf_file=loaded.source if args.weights != "fp32" and is_gguf else None,
     )
     files = sorted(p for p in written.parent.iterdir() if p.name.startswith(written.name[:-5]))
     for path in files:

@@ -3,10 +3,15 @@
 - :mod:`~adaption_fx.export.onnx.exporter`: ``to_onnx``, the entry point;
 - :mod:`~adaption_fx.export.onnx.plan`: what a file holds (graph, inputs, outputs, metadata);
 - :mod:`~adaption_fx.export.onnx.translate`: FX to ONNX (all private ``torch.onnx`` use);
+- :mod:`~adaption_fx.export.onnx.quantize`: int4/int8 weights (``MatMulNBits``), and
+  ``dequantized_weights`` to read them back;
+- :mod:`~adaption_fx.export.onnx.blocks`: block-quantized weights, from a GGUF file's own
+  blocks or ONNX Runtime's quantizer;
 - :mod:`~adaption_fx.export.onnx.protobuf`: writing the file;
 - :mod:`~adaption_fx.export.onnx.progress`: the progress bar.
 """
 
 from adaption_fx.export.onnx.exporter import to_onnx
+from adaption_fx.export.onnx.quantize import dequantized_weights
 
-__all__ = ["to_onnx"]
+__all__ = ["dequantized_weights", "to_onnx"]

@@ -50,6 +50,7 @@ from adaption_fx.export.onnx.plan import (
 )
 from adaption_fx.export.onnx.progress import ExportStages
 from adaption_fx.export.onnx.protobuf import save_onnx
+from adaption_fx.export.onnx.quantize import ACCURACY_LEVELS, WEIGHT_FORMATS, quantize_weights
 from adaption_fx.export.onnx.translate import onnx_model_of
 from adaption_fx.model.adapted import AdaptedModel
 from adaption_fx.passes.fold import adapter_projection
@@ -72,6 +73,9 @@ def to_onnx(
     mixed_max_adapter_len: int | None = None,
     mixed_adapter_layers: int | None = None,
     progress: bool | None = None,
+    weights: str = "fp32",
+    gguf_file: str | os.PathLike | None = None,
+    accuracy_level: int = 4,
 ) -> Path:
     """Export the graph ``model`` runs now to an ONNX file.
 
@@ -122,6 +126,23 @@ def to_onnx(
         mixed_adapter_layers: the top layers the file covers (default: the most any of
             the model's adapters adapts); adapters adapting more layers cannot be loaded.
         progress: show a tqdm bar over the export's stages. None: only on a terminal.
+        weights: "fp32" (the weights as the model holds them), "int8" or "int4": every
+            matmul on a base-model weight (attention and MLP projections, the output
+            projection or tied embedding) becomes ONNX Runtime's ``MatMulNBits`` on blocks
+            of 32 weights, and the token embedding a gather of the same blocks
+            (``export/onnx/quantize.py``). Adapter tensors (prompts, gates, folded keys
+            and values) stay fp32, baked in or inputs; ``adapter_as_inputs`` and
+            ``mixed_batch`` work as with fp32, and their projection companion stays fp32.
+            The metadata's ``weights`` entry names each weight's scheme (and, where it
+            was quantized here, its error).
+        gguf_file: the GGUF file the model was loaded from. With int4/int8, a weight
+            whose rows equal the dequantized rows of one of its Q4_0, Q4_1 or Q8_0
+            tensors bit for bit carries that tensor's own blocks (in their own width:
+            a Q8_0 embedding stays 8-bit in an int4 file) instead of being quantized
+            again; other weights are quantized with ONNX Runtime's block quantizer.
+        accuracy_level: MatMulNBits' accuracy level for int4/int8 files: 4 (default)
+            quantizes activations to int8 inside the matmul, ONNX Runtime's fast CPU
+            path and what llama.cpp does; 0 keeps them fp32.
 
     Returns:
         The path written. The file is checked with ``onnx.checker``; batch and sequence
@@ -136,6 +157,16 @@ def to_onnx(
         raise TypeError(f"for_generation must be a bool, got {for_generation!r}")
     if not isinstance(mixed_batch, bool):
         raise TypeError(f"mixed_batch must be a bool, got {mixed_batch!r}")
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {list(WEIGHT_FORMATS)}, got {weights!r}")
+    if weights == "fp32" and gguf_file is not None:
+        raise ValueError("gguf_file applies to weights='int4' or 'int8' only")
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise ValueError(
+            f"accuracy_level must be one of {list(ACCURACY_LEVELS)}, got {accuracy_level!r}"
+        )
+    if gguf_file is not None and not Path(gguf_file).is_file():
+        raise FileNotFoundError(f"gguf_file {str(gguf_file)!r} does not exist")
     settings = None
     if mixed_batch:
         if not adapter_as_inputs:
@@ -169,6 +200,7 @@ def to_onnx(
         ["capture the decode step"] * for_generation
         + ["prepare the graph", "translate to ONNX"]
         + ["export the adapter projection"] * projecting
+        + [f"quantize weights to {weights}"] * (weights != "fp32")
         + ["save", "check"],
         progress,
     )
@@ -190,6 +222,7 @@ def to_onnx(
                 generation_config.to_diff_dict() if generation_config is not None else None
             ),
             mixed=settings,
+            quantization=(weights, gguf_file, accuracy_level),
         )
         finished = True
     finally:
@@ -212,8 +245,10 @@ def _write(
     token_ids: tuple[Any, Any],
     generation_config: dict[str, Any] | None = None,
     mixed: tuple[int, int] | None = None,
+    quantization: tuple[str, Any, int] = ("fp32", None, 4),
 ) -> Path:
-    """``mixed``: (max_adapter_len, adapter_layers) of a mixed-batch export, else None."""
+    """``mixed``: (max_adapter_len, adapter_layers) of a mixed-batch export, else None;
+    ``quantization``: (weights, gguf_file, accuracy_level)."""
     import onnx
 
     eos_token_id, pad_token_id = token_ids
@@ -334,6 +369,22 @@ def _write(
             # default to); a file without it runs Hugging Face's global defaults.
             "config": generation_config,
         }
+    weights, gguf_file, accuracy_level = quantization
+    if weights != "fp32":
+        stage(f"quantize weights to {weights}")
+        base = {
+            name: tensor.detach().to(torch.float32).numpy()
+            for name, tensor in model.captured.graph_module.state_dict().items()
+            if tensor.dim() == 2 and tensor.is_floating_point()
+        }
+        report = quantize_weights(
+            onnx_model,
+            base,
+            weights,
+            gguf_file=None if gguf_file is None else str(gguf_file),
+            accuracy_level=accuracy_level,
+        )
+        metadata["weights"] = report.metadata()
     onnx_model.metadata_props[METADATA_KEY] = json.dumps(metadata)
 
     stage("save")
