@@ -325,6 +325,46 @@ def _rates(times: dict[str, dict[str, list[float]]], batch: int, n: int) -> dict
     }
 
 
+# ----------------------------------------------------------------------- profile
+def _profile(path: Path, setup: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """ONNX Runtime's own profile of ``cfg.new_tokens`` decode steps at batch 1: nodes run
+    per step and each op type's share of kernel time (the profiler's own overhead
+    inflates small nodes, so shares, not times, are what it tells)."""
+    import onnxruntime as ort
+
+    from adaption_fx.export import OrtModel
+
+    with tempfile.TemporaryDirectory(prefix="adaption-fx-profile-") as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = cfg.threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        model = OrtModel(path, session_options=options)
+        ids, mask = _prompt_batch(setup, 1)
+        model.generate(ids, mask, max_new_tokens=cfg.new_tokens, eos_token_id=None)
+        events = json.loads(Path(model.session.end_profiling()).read_text())
+    kernel: dict[str, float] = {}
+    nodes = 0
+    runs = 0
+    for event in events:
+        if event.get("cat") == "Session" and event.get("name") == "model_run":
+            runs += 1
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            op = event.get("args", {}).get("op_name", "?")
+            kernel[op] = kernel.get(op, 0.0) + float(event["dur"])
+            nodes += 1
+    total = sum(kernel.values())
+    shares = sorted(((v / total, k) for k, v in kernel.items()), reverse=True)
+    return {
+        "runs": runs,
+        "nodes_per_step": nodes / max(runs, 1),
+        "kernel_share": {k: v for v, k in shares},
+    }
+
+
 # ------------------------------------------------------------------------ report
 def _sizes(files: dict[str, Any]) -> dict[str, Any]:
     def size(path: Path) -> int:
@@ -381,6 +421,14 @@ def markdown(results: dict[str, Any]) -> str:
         f"| mixed batch of {cfg['batch']} adapters: {int4} / fp32 ORT (tokens/s) | "
         f"{speed['mixed'][f'{int4} / fp32']:.2f} |",
     ]
+    for name, profile in results["profile"].items():
+        top = ", ".join(
+            f"{op} {share:.0%}" for op, share in list(profile["kernel_share"].items())[:4]
+        )
+        lines.append(
+            f"| profile, {name} decode step: nodes run per step; largest kernel-time shares | "
+            f"{profile['nodes_per_step']:.0f}; {top} |"
+        )
     if "eager_exact_match" in results["quality"]:
         eager = results["quality"]["eager_exact_match"]
         lines.append(f"| held-out exact match, PyTorch eager fp32 | {eager:.0%} |")
@@ -404,6 +452,9 @@ def run(cfg: Config) -> dict[str, Any]:
         }
         results["quality"] = _quality(files, setup, cfg)
         results["speed"] = _speed(files, setup, cfg)
+        results["profile"] = {
+            name: _profile(files["decode"][name], setup, cfg) for name in ("fp32", files["int4"])
+        }
     return results
 
 
