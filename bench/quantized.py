@@ -14,7 +14,10 @@ On the embedded model (``python -m bench.quantized``, about 10 minutes on 2 core
    warm-up): batch 1 against llama.cpp on the same GGUF file (llama-cpp-python, the base
    model; skipped with the reason where it is not installed), batch 4, and a mixed batch
    of 4 rows on 4 different adapters;
-5. file sizes.
+5. file sizes, and ONNX Runtime's profile of the int4 and fp32 decode steps;
+6. in PyTorch, the base quantized with torchao (int8 weight-only) against fp32, both
+   rewritten: base weight bytes, a training step, greedy generation (skipped with the
+   reason where torchao is not installed: it is no dependency of ours).
 
 ``--quick`` runs the same code on a tiny random Llama (no training, no task, no llama.cpp)
 so that tests/test_bench_quantized.py keeps it from rotting.
@@ -365,6 +368,86 @@ def _profile(path: Path, setup: dict[str, Any], cfg: Config) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------- a torchao base in PyTorch
+def _torch_base(cfg: Config) -> dict[str, Any]:
+    """The base model with torchao's int8 weight-only linears against fp32, both rewritten
+    (adapter_len 10, every layer): the bytes of the base weights, one AdamW step on the
+    prompts and gates (batch 8 x 64 tokens), and greedy generation at batch 1."""
+    import copy
+
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError as exc:
+        return {"skipped": f"torchao is not installed ({exc}); pip install torchao==0.18.0"}
+    from adaption_fx import AdaptionConfig, rewrite
+
+    if cfg.quick:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        fp32 = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=256,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
+        ).eval()
+        seq, vocab = 16, 256
+    else:
+        from adaption_fx.app.pretrained import load_pretrained
+
+        fp32 = load_pretrained(None).model
+        seq, vocab = 64, fp32.config.vocab_size
+    int8 = copy.deepcopy(fp32)
+    quantize_(int8, Int8WeightOnlyConfig())
+    layers = fp32.config.num_hidden_layers
+    config = AdaptionConfig(adapter_len=10, adapter_layers=layers)
+    models = {name: rewrite(m, config) for name, m in (("fp32", fp32), ("int8", int8))}
+
+    def weight_bytes(model: torch.nn.Module) -> int:
+        total = 0
+        for p in model.parameters():
+            inner = [getattr(p, a) for a in ("qdata", "scale") if hasattr(p, a)]
+            total += sum(t.nbytes for t in inner) if inner else p.nbytes
+        return total
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (8, seq), generator=g)
+    steppers = {}
+    for name, model in models.items():
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+
+        def step(model: Any = model, optimizer: Any = optimizer) -> None:
+            optimizer.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+
+        steppers[name] = step
+    train = race(steppers, cfg.warmup, cfg.repeats)
+    prompt = ids[:1, :16]
+    n = cfg.new_tokens
+
+    def generate(model: Any) -> Any:
+        return lambda: model.generate(prompt, max_new_tokens=n, eos_token_id=None)
+
+    with torch.no_grad():
+        gen = race({k: generate(m) for k, m in models.items()}, cfg.warmup, cfg.repeats)
+    sizes = {"fp32": weight_bytes(fp32), "int8": weight_bytes(int8)}
+    return {
+        "base_weight_bytes": sizes,
+        "base_weights_int8/fp32": sizes["int8"] / sizes["fp32"],
+        "train_step_ms": median_ms(train["wall"]),
+        "train_step_int8/fp32": ratio(train["wall"], "int8", "fp32"),
+        "generate_tokens_per_s": {k: n / (v / 1000) for k, v in median_ms(gen["wall"]).items()},
+        "generate_time_int8/fp32": ratio(gen["wall"], "int8", "fp32"),
+        "batch": list(ids.shape),
+    }
+
+
 # ------------------------------------------------------------------------ report
 def _sizes(files: dict[str, Any]) -> dict[str, Any]:
     def size(path: Path) -> int:
@@ -429,6 +512,19 @@ def markdown(results: dict[str, Any]) -> str:
             f"| profile, {name} decode step: nodes run per step; largest kernel-time shares | "
             f"{profile['nodes_per_step']:.0f}; {top} |"
         )
+    base = results.get("torch_base", {})
+    if "skipped" in base:
+        lines.append(f"| PyTorch, torchao int8 weight-only base | skipped: {base['skipped']} |")
+    elif base:
+        batch = "x".join(str(d) for d in base["batch"])
+        lines += [
+            "| PyTorch, torchao int8 weight-only base: base weight bytes / fp32 | "
+            f"{base['base_weights_int8/fp32']:.3f} |",
+            f"| PyTorch, torchao int8 base: training step (batch {batch}) time / fp32 | "
+            f"{base['train_step_int8/fp32']:.2f} |",
+            "| PyTorch, torchao int8 base: greedy generation time / fp32 | "
+            f"{base['generate_time_int8/fp32']:.2f} |",
+        ]
     if "eager_exact_match" in results["quality"]:
         eager = results["quality"]["eager_exact_match"]
         lines.append(f"| held-out exact match, PyTorch eager fp32 | {eager:.0%} |")
@@ -452,6 +548,7 @@ def run(cfg: Config) -> dict[str, Any]:
         }
         results["quality"] = _quality(files, setup, cfg)
         results["speed"] = _speed(files, setup, cfg)
+        results["torch_base"] = _torch_base(cfg)
         results["profile"] = {
             name: _profile(files["decode"][name], setup, cfg) for name in ("fp32", files["int4"])
         }
@@ -465,6 +562,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny random model (seconds)")
     parser.add_argument("--out", default=None, help="results directory (default bench/results)")
     parser.add_argument("--repeats", type=int, default=Config.repeats)
+    parser.add_argument(
+        "--only-torch-base",
+        action="store_true",
+        help="rerun only the torchao-base rows, into the existing results file",
+    )
     args = parser.parse_args(argv)
     cfg = Config(quick=args.quick, repeats=args.repeats)
     if args.quick:
@@ -472,8 +574,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         cfg.out = args.out
     logging.basicConfig(level=logging.WARNING)
-    results = run(cfg)
     out = Path(cfg.out)
+    if args.only_torch_base:
+        torch.set_num_threads(cfg.threads)
+        results = json.loads((out / "quantized.json").read_text())
+        results["torch_base"] = _torch_base(cfg)
+    else:
+        results = run(cfg)
     out.mkdir(parents=True, exist_ok=True)
     for suffix, text in (
         (".json", json.dumps(results, indent=1, default=str)),

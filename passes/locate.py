@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.fx
@@ -104,11 +105,36 @@ def _projection_parts(node: torch.fx.Node):
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     elif node.target == aten.addmm.default:  # Conv1D (GPT-2): addmm(bias, x, weight)
         bias, x, weight = node.args[:3]
+    elif node.target == aten.mm.default:
+        # A tensor-subclass weight (torchao's quantized tensors), which torch.export
+        # unwraps: mm(x, <weight computed from the parameter's inner tensors>).
+        x, computed = node.args[:2]
+        weight = subclass_parameter(computed)
+        return None if weight is None else (x, weight, None)
     else:
         return None
     if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
         return None
     return x, weight, bias
+
+
+def subclass_parameter(weight: Any) -> torch.fx.Node | None:
+    """The stored tensor-subclass parameter a computed weight unwraps, where the weight is
+    computed from that parameter's inner tensors alone (no graph input), else None."""
+    if not isinstance(weight, torch.fx.Node):
+        return None
+    upstream = ancestors(weight) | {weight}
+    if any(n.op == "placeholder" for n in upstream):
+        return None
+    owners = {
+        n.args[0]
+        for n in upstream
+        if n.op == "call_function"
+        and "access_subclass_inner_tensor" in str(n.target)
+        and isinstance(n.args[0], torch.fx.Node)
+        and n.args[0].op == "get_attr"
+    }
+    return owners.pop() if len(owners) == 1 else None
 
 
 def _find_projection(start: torch.fx.Node, scope: str) -> torch.fx.Node | None:
@@ -156,27 +182,6 @@ def _computed_weight_hint(start: torch.fx.Node, scope: str) -> str:
     seen, queue = {start}, collections.deque([start])
     while queue:
         node = queue.popleft()
-        if node.op == "call_function" and node.target == aten.mm.default:
-            # A tensor-subclass weight (torchao's quantized tensors) reaches the graph as
-            # its inner tensors: torch.export unwraps it into access_subclass_inner_tensor
-            # calls feeding a matmul, with no linear node left to adapt.
-            unwrapped = sorted(
-                {
-                    str(a.args[0].target)
-                    for a in ancestors(node)
-                    if a.op == "call_function"
-                    and "access_subclass_inner_tensor" in str(a.target)
-                    and isinstance(a.args[0], torch.fx.Node)
-                }
-            )
-            if unwrapped:
-                return (
-                    f"; matmul {node.name!r} reads the inner tensors of the tensor-subclass "
-                    f"weight {unwrapped[0]!r} (a quantized weight, e.g. torchao's, which "
-                    "torch.export unwraps into a matmul and a rescale): the pass adapts "
-                    "projections that are linear (or addmm) nodes on a stored weight, so "
-                    "quantize after rewriting instead (to_onnx(..., weights='int4'))"
-                )
         if node.op == "call_function" and node.target == aten.linear.default:
             weight = node.args[1]
             upstream = ancestors(weight) if isinstance(weight, torch.fx.Node) else set()
