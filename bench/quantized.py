@@ -88,10 +88,9 @@ def _embedded(cfg: Config, work: Path) -> dict[str, Any]:
     }
 
 
-def _tiny() -> dict[str, Any]:
+def _tiny_llama(tied: bool) -> Any:
+    """--quick's model: a 2-layer random Llama with grouped-query attention."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from adaption_fx import AdaptionConfig, rewrite
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -101,11 +100,15 @@ def _tiny() -> dict[str, Any]:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
     )
-    model = rewrite(
-        LlamaForCausalLM(config).eval(), AdaptionConfig(adapter_len=4, adapter_layers=2)
-    )
+    return LlamaForCausalLM(config).eval()
+
+
+def _tiny() -> dict[str, Any]:
+    from adaption_fx import AdaptionConfig, rewrite
+
+    model = rewrite(_tiny_llama(tied=True), AdaptionConfig(adapter_len=4, adapter_layers=2))
     g = torch.Generator().manual_seed(0)
     state = {
         k: torch.randn(v.shape, generator=g) * 0.1 for k, v in model.adapter_state_dict().items()
@@ -382,19 +385,7 @@ def _torch_base(cfg: Config) -> dict[str, Any]:
     from adaption_fx import AdaptionConfig, rewrite
 
     if cfg.quick:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        fp32 = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=256,
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-            )
-        ).eval()
+        fp32 = _tiny_llama(tied=False)
         seq, vocab = 16, 256
     else:
         from adaption_fx.app.pretrained import load_pretrained
