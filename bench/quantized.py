@@ -131,13 +131,20 @@ def _export(setup: dict[str, Any], work: Path, cfg: Config) -> dict[str, Any]:
     from adaption_fx.export import to_onnx
 
     model = setup["model"]
+
+    def options(name: str) -> dict[str, Any]:
+        weights, from_gguf = FILES[name]
+        return {
+            "weights": weights,
+            "gguf_file": setup["gguf"] if from_gguf else None,
+            "progress": False,
+        }
+
     out: dict[str, Any] = {"decode": {}, "forward": {}, "mixed": {}, "export_s": {}}
-    for name, (weights, from_gguf) in FILES.items():
+    for name, (_, from_gguf) in FILES.items():
         if from_gguf and setup["gguf"] is None:
             continue
-        kwargs = {"weights": weights, "progress": False}
-        if from_gguf:
-            kwargs["gguf_file"] = setup["gguf"]
+        kwargs = options(name)
         stem = name.split(" ")[0] + ("-gguf" if from_gguf else "")
         started = time.perf_counter()
         out["decode"][name] = to_onnx(
@@ -149,17 +156,13 @@ def _export(setup: dict[str, Any], work: Path, cfg: Config) -> dict[str, Any]:
     # there are any).
     int4 = "int4 (GGUF blocks)" if setup["gguf"] is not None else "int4 (ORT quantizer)"
     for name in ("fp32", int4):
-        weights, from_gguf = FILES[name]
-        kwargs = {"weights": weights, "progress": False}
-        if from_gguf:
-            kwargs["gguf_file"] = setup["gguf"]
         out["mixed"][name] = to_onnx(
             model,
             work / f"mixed-{name.split(' ')[0]}.onnx",
             for_generation=True,
             adapter_as_inputs=True,
             mixed_batch=True,
-            **kwargs,
+            **options(name),
         )
     out["int4"] = int4
     return out

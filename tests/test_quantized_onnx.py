@@ -164,8 +164,10 @@ def _gguf_source(tmp_path, model):
     kinds = {
         "model.layers.0.self_attn.q_proj.weight": ("Q4_1", True),
         "model.layers.1.self_attn.k_proj.weight": ("Q4_0", True),
-        "model.layers.2.mlp.down_proj.weight": ("Q4_1", False),
-        "model.embed_tokens.weight": ("Q8_0", False),
+        "model.layers.2.mlp.down_proj.weight": ("Q8_0", False),
+        # A 4-bit embedding: the gather unpacks nibbles in the graph (and, tied, the
+        # output projection adds the minimum term).
+        "model.embed_tokens.weight": ("Q4_1", False),
         "model.layers.3.mlp.up_proj.weight": ("F32", False),
     }
     writer = gguf.GGUFWriter(tmp_path / "tiny.gguf", "llama")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,20 +59,11 @@ class BlockWeight:
 
     def codes(self) -> np.ndarray:
         """The integer codes q, uint8 (N, K/32, 32)."""
-        if self.bits == 8:
-            return self.packed
-        low = self.packed & np.uint8(0x0F)
-        high = self.packed >> np.uint8(4)
-        return np.stack([low, high], axis=-1).reshape(*self.packed.shape[:2], BLOCK)
+        return self.packed if self.bits == 8 else unpack_nibbles(self.packed, BLOCK)
 
     def packed_zero_points(self) -> np.ndarray:
         """Zero points as MatMulNBits takes them: (N, ceil(K/32 * bits / 8)) uint8."""
-        if self.bits == 8:
-            return self.zero_points
-        zp = self.zero_points
-        if zp.shape[1] % 2:
-            zp = np.pad(zp, ((0, 0), (0, 1)))
-        return (zp[:, 0::2] | (zp[:, 1::2] << np.uint8(4))).astype(np.uint8)
+        return self.zero_points if self.bits == 8 else pack_nibbles(self.zero_points)
 
     def dequantize(self) -> np.ndarray:
         """The fp32 (N, K) weight the blocks stand for, computed in the order the ONNX
@@ -84,15 +74,19 @@ class BlockWeight:
             w = w + self.minimums[..., None]
         return w.reshape(self.shape)
 
-    @property
-    def nbytes(self) -> int:
-        extra = 0 if self.minimums is None else self.minimums.nbytes
-        return self.packed.nbytes + self.scales.nbytes + self.packed_zero_points().nbytes + extra
 
-
-def _pack_nibbles(q: np.ndarray) -> np.ndarray:
-    """uint8 codes (..., 32) -> (..., 16), element 2i low nibble, 2i+1 high nibble."""
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """4-bit codes, uint8 (..., n) -> (..., ceil(n / 2)): element 2i in the low nibble of
+    byte i, element 2i+1 in its high nibble (MatMulNBits' order; an odd n pads a zero)."""
+    if q.shape[-1] % 2:
+        q = np.concatenate([q, np.zeros((*q.shape[:-1], 1), dtype=q.dtype)], axis=-1)
     return (q[..., 0::2] | (q[..., 1::2] << np.uint8(4))).astype(np.uint8)
+
+
+def unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
+    """The inverse of :func:`pack_nibbles`: uint8 (..., bytes) -> (..., count)."""
+    pairs = np.stack([packed & np.uint8(0x0F), packed >> np.uint8(4)], axis=-1)
+    return pairs.reshape(*packed.shape[:-1], -1)[..., :count]
 
 
 def gguf_block_weight(kind: str, raw: np.ndarray, rows: int) -> BlockWeight:
@@ -110,7 +104,7 @@ def gguf_block_weight(kind: str, raw: np.ndarray, rows: int) -> BlockWeight:
         qs = blocks[..., start:]
         # GGUF: element j in the low nibble of byte j, element j + 16 in its high nibble.
         codes = np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=-1)
-        packed = _pack_nibbles(codes)
+        packed = pack_nibbles(codes)
         if kind == "Q4_0":
             zp = np.full(d.shape, 8, dtype=np.uint8)
         else:
@@ -131,10 +125,8 @@ def quantize_block_weight(weight: np.ndarray, bits: int) -> BlockWeight:
     # The quantizer takes MatMul's B, (K, N).
     b = np.ascontiguousarray(np.asarray(weight, dtype=np.float32).T)
     packed, scales, zp = DefaultWeightOnlyQuantizer(config).qbits_block_quant(b)
-    n_blocks = packed.shape[1]
     if bits == 4:
-        zp = np.stack([zp & np.uint8(0x0F), zp >> np.uint8(4)], axis=-1)
-        zp = zp.reshape(zp.shape[0], -1)[:, :n_blocks]
+        zp = unpack_nibbles(zp, packed.shape[1])
     scheme = f"int{bits} asymmetric, block {BLOCK} (onnxruntime)"
     return BlockWeight(bits, packed, scales.astype(np.float32), zp.astype(np.uint8), None, scheme)
 
@@ -167,12 +159,10 @@ class GgufBlocks:
             raise ValueError(f"{str(self.path)!r} is not a readable GGUF file: {exc}") from exc
         self._tensors: dict[str, tuple[str, np.ndarray]] = {}
         self._rows: dict[bytes, tuple[str, int]] = {}
-        self.skipped: dict[str, str] = {}
         for tensor in reader.tensors:
             kind = tensor.tensor_type.name
             if kind not in _GGUF_LAYOUTS or len(tensor.shape) != 2:
-                self.skipped[tensor.name] = kind
-                continue
+                continue  # norms (F32) and block types ONNX Runtime cannot run
             self._tensors[tensor.name] = (kind, tensor.data)
             for row, digest in enumerate(_row_digests(self._dequantized(tensor.name))):
                 self._rows.setdefault(digest, (tensor.name, row))
@@ -183,10 +173,6 @@ class GgufBlocks:
 
         kind, raw = self._tensors[name]
         return dequantize(raw, GGMLQuantizationType[kind])
-
-    @property
-    def tensor_names(self) -> Iterable[str]:
-        return self._tensors.keys()
 
     def find(self, weight: np.ndarray) -> tuple[str, BlockWeight] | None:
         """The GGUF tensor and blocks whose rows dequantize to ``weight`` (N, K) exactly,

@@ -18,15 +18,23 @@ of blocks. Nothing else changes; the result maps each quantized weight to its sc
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from adaption_fx.export.onnx.blocks import BLOCK, BlockWeight, GgufBlocks, quantize_block_weight
+from adaption_fx.export.onnx.blocks import (
+    BLOCK,
+    BlockWeight,
+    GgufBlocks,
+    quantize_block_weight,
+    unpack_nibbles,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,18 +68,24 @@ def _digest(array: np.ndarray) -> bytes:
 
 
 class _Blocks:
-    """Blocks per base weight, made once: a tied weight's MatMul and Gather share them."""
+    """Blocks per base weight, made once: a tied weight's MatMul and Gather share them,
+    and so do their initializers (made only for weights that are not stacked)."""
 
     def __init__(self, gguf: GgufBlocks | None, report: QuantizedWeights):
         self.gguf = gguf
         self.report = report
-        self._made: dict[str, tuple[BlockWeight, dict[str, Any]]] = {}
+        self._made: dict[str, BlockWeight] = {}
+        self._values: dict[str, dict[str, Any]] = {}
 
-    def get(
-        self, name: str, weight: np.ndarray, bits: int, why: str | None = None
-    ) -> tuple[BlockWeight, dict[str, Any]]:
-        """Blocks of ``weight`` (N, K) and the initializer values made for it (cached);
-        ``bits`` for a weight quantized here (``why``: the reason it is not the file's)."""
+    def values(self, name: str) -> dict[str, Any]:
+        """The initializers of the blocks :meth:`get` made for ``name``."""
+        if name not in self._values:
+            self._values[name] = block_values(name.replace(".", "_"), self._made[name])
+        return self._values[name]
+
+    def get(self, name: str, weight: np.ndarray, bits: int, why: str | None = None) -> BlockWeight:
+        """Blocks of ``weight`` (N, K) (cached); ``bits`` for a weight quantized here
+        (``why``: the reason it is not the file's)."""
         if name in self._made:
             return self._made[name]
         found = self.gguf.find(weight) if self.gguf is not None else None
@@ -98,9 +112,20 @@ class _Blocks:
                 entry["why"] = why
         entry["bits"] = blocks.bits
         self.report.schemes[name] = entry
-        values = block_values(name.replace(".", "_"), blocks)
-        self._made[name] = (blocks, values)
-        return self._made[name]
+        self._made[name] = blocks
+        return blocks
+
+
+def _gguf_blocks(path: str) -> GgufBlocks:
+    """The index of a GGUF file, kept for the next export of the same unchanged file (a
+    forward and a decode-step export index it once, not twice)."""
+    stat = Path(path).stat()
+    return _indexed(str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _indexed(path: str, mtime_ns: int, size: int) -> GgufBlocks:
+    return GgufBlocks(path)
 
 
 def block_values(stem: str, blocks: BlockWeight) -> dict[str, Any]:
@@ -174,7 +199,7 @@ def quantize_weights(
     if weights not in ("int4", "int8"):
         raise ValueError(f"weights must be 'int4' or 'int8' here, got {weights!r}")
     bits = 4 if weights == "int4" else 8
-    gguf = GgufBlocks(gguf_file) if gguf_file is not None else None
+    gguf = _gguf_blocks(gguf_file) if gguf_file is not None else None
     report = QuantizedWeights(weights, accuracy_level, gguf.path.name if gguf is not None else None)
     blocks = _Blocks(gguf, report)
     by_value = {}
@@ -231,7 +256,7 @@ def quantize_weights(
             groups.setdefault(id(node.inputs[0]), []).append((node, weight, name))
     fused: set[str] = set()
     for index, group in enumerate(g for g in groups.values() if len(g) > 1):
-        made = [blocks.get(name, weight, bits)[0] for _, weight, name in group]
+        made = [blocks.get(name, weight, bits) for _, weight, name in group]
         stacked = _concatenated(made)
         if stacked is None:
             continue
@@ -256,9 +281,10 @@ def quantize_weights(
         if name in fused:
             continue
         if name in wide:
-            made, values = blocks.get(name, weight, 8, "embedding or output projection: 8 bits")
+            made = blocks.get(name, weight, 8, "embedding or output projection: 8 bits")
         else:
-            made, values = blocks.get(name, weight, bits)
+            made = blocks.get(name, weight, bits)
+        values = blocks.values(name)
         register(values)
         tape = ir.tape.Tape()
         if node.op_type == "MatMul":
@@ -334,6 +360,17 @@ def _ints(tape: Any, values: list[int]) -> Any:
     return tape.op("Constant", [], {"value": ir.tensor(np.array(values, dtype=np.int64))})
 
 
+def _reshape_tail(tape: Any, x: Any, drop: int, tail: list[int]) -> Any:
+    """``x`` with its last ``drop`` axes replaced by ``tail`` (the leading axes may be
+    dynamic); a constant shape where ``x``'s rank is known."""
+    rank = len(x.shape) if x.shape is not None else None
+    if rank is not None:  # 0 keeps that axis: no shape arithmetic at run time
+        return tape.op("Reshape", [x, _ints(tape, [0] * (rank - drop) + tail)])
+    shape = tape.op("Shape", [x])
+    lead = tape.op("Slice", [shape, _ints(tape, [0]), _ints(tape, [-drop])])
+    return tape.op("Reshape", [x, tape.op("Concat", [lead, _ints(tape, tail)], {"axis": 0})])
+
+
 def _matmul_nbits(
     tape: Any,
     x: Any,
@@ -361,14 +398,7 @@ def _matmul_nbits(
     # q, k and v (and gate and up) read the same x: one block sum serves them.
     key = id(x)
     if key not in blocksums:
-        rank = len(x.shape) if x.shape is not None else None
-        if rank is not None:  # (0: keep that axis) a constant shape, no shape arithmetic
-            split = _ints(tape, [0] * (rank - 1) + [k // BLOCK, BLOCK])
-        else:
-            shape = tape.op("Shape", [x])
-            lead = tape.op("Slice", [shape, _ints(tape, [0]), _ints(tape, [-1])])
-            split = tape.op("Concat", [lead, _ints(tape, [k // BLOCK, BLOCK])], {"axis": 0})
-        grouped = tape.op("Reshape", [x, split])
+        grouped = _reshape_tail(tape, x, 1, [k // BLOCK, BLOCK])
         blocksums[key] = tape.op("ReduceSum", [grouped, _ints(tape, [-1])], {"keepdims": 0})
     offset = tape.op("MatMul", [blocksums[key], values["minimums_t"]])
     return tape.op("Add", [y, offset])
@@ -397,11 +427,7 @@ def _dequantizing_gather(tape: Any, ids: Any, blocks: BlockWeight, values: dict[
             ],
             {"axis": -1},
         )
-        shape = tape.op("Shape", [rows])
-        lead = tape.op("Slice", [shape, _ints(tape, [0]), _ints(tape, [-1])])
-        rows = tape.op(
-            "Reshape", [pairs, tape.op("Concat", [lead, _ints(tape, [BLOCK])], {"axis": 0})]
-        )
+        rows = _reshape_tail(tape, pairs, 2, [BLOCK])  # (.., K/32, 16, 2) -> (.., K/32, 32)
     float_type = ir.DataType.FLOAT
     codes = tape.op("Cast", [rows], {"to": float_type})
     last = _ints(tape, [-1])
@@ -422,9 +448,7 @@ def _dequantizing_gather(tape: Any, ids: Any, blocks: BlockWeight, values: dict[
         w = tape.op(
             "Add", [w, tape.op("Unsqueeze", [tape.op("Gather", [values["minimums"], ids]), last])]
         )
-    shape = tape.op("Shape", [w])
-    lead = tape.op("Slice", [shape, _ints(tape, [0]), _ints(tape, [-2])])
-    return tape.op("Reshape", [w, tape.op("Concat", [lead, _ints(tape, [k])], {"axis": 0})])
+    return _reshape_tail(tape, w, 2, [k])  # (.., K/32, 32) -> (.., K)
 
 
 def dequantized_weights(path: str | Any) -> dict[str, np.ndarray]:
@@ -436,7 +460,6 @@ def dequantized_weights(path: str | Any) -> dict[str, np.ndarray]:
             ``to_onnx`` writes.
     """
     import json
-    from pathlib import Path
 
     import onnx
     from onnx import numpy_helper
@@ -471,8 +494,7 @@ def dequantized_weights(path: str | Any) -> dict[str, np.ndarray]:
             if zero_points is None:
                 raise ValueError(f"{path}: the zero points of {name!r} are missing")
             if bits == 4:
-                pairs = np.stack([zero_points & 0x0F, zero_points >> 4], axis=-1)
-                zero_points = pairs.reshape(len(zero_points), -1)[:, : scales.shape[1]]
+                zero_points = unpack_nibbles(zero_points, scales.shape[1])
         minimums = read("minimums")
         if minimums is None and (transposed := read("minimums_t")) is not None:
             minimums = np.ascontiguousarray(transposed.T)
