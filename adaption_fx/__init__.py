@@ -22,6 +22,8 @@ load the library.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING
 
 from adaption_fx.version import __version__
@@ -73,3 +75,20 @@ def __getattr__(name: str) -> object:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_PUBLIC))
+
+
+class _Package(types.ModuleType):
+    """The package module, whose public functions keep their names when a submodule of
+    the same name is imported. ``rewrite`` is both a function and the module
+    ``adaption_fx.rewrite`` that defines it; the import system binds a submodule to its
+    name on the package once it is loaded (``import adaption_fx.rewrite``, or any module
+    doing ``from adaption_fx.rewrite import rewrite``), after which ``from adaption_fx
+    import rewrite`` would hand out the module. The module stays importable by its path."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if isinstance(value, types.ModuleType) and _PUBLIC.get(name) == value.__name__:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

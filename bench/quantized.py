@@ -14,7 +14,9 @@ On the embedded model (``python -m bench.quantized``, about 10 minutes on 2 core
    warm-up): batch 1 against llama.cpp on the same GGUF file (llama-cpp-python, the base
    model; skipped with the reason where it is not installed), batch 4, and a mixed batch
    of 4 rows on 4 different adapters;
-5. file sizes, and ONNX Runtime's profile of the int4 and fp32 decode steps;
+5. file sizes, ONNX Runtime's profile of the int4 and fp32 decode steps, the int4 file at
+   opset 18 (attention, norms and rotations written out) against the default (fused), and
+   one MLP-sized matmul alone, int4 against fp32, for 1 and 4 rows;
 6. in PyTorch, the base quantized with torchao (int8 weight-only) against fp32, both
    rewritten: base weight bytes, a training step, greedy generation (skipped with the
    reason where torchao is not installed: it is no dependency of ours).
@@ -165,7 +167,18 @@ def _export(setup: dict[str, Any], work: Path, cfg: Config) -> dict[str, Any]:
             **options(name),
         )
     out["int4"] = int4
+    # The same int4 decode file at opset 18: every op written out (export/onnx/fuse.py).
+    out["written_out"] = to_onnx(
+        model,
+        work / "decode-int4-opset18.onnx",
+        for_generation=True,
+        opset=18,
+        **options(int4),
+    )
     return out
+
+
+WRITTEN_OUT = "int4, opset 18 (attention, norms and rotations written out)"
 
 
 # ----------------------------------------------------------------------- quality
@@ -272,6 +285,7 @@ def _speed(files: dict[str, Any], setup: dict[str, Any], cfg: Config) -> dict[st
     # Batch 1: every decode file, and llama.cpp.
     ids, mask = _prompt_batch(setup, 1)
     contenders = {name: ort_run(path, ids, mask) for name, path in files["decode"].items()}
+    contenders[WRITTEN_OUT] = ort_run(files["written_out"], ids, mask)
     llama, why = _llama_cpp(setup, cfg, ids)
     if llama is not None:
         contenders["llama.cpp (base model)"] = llama
@@ -279,6 +293,7 @@ def _speed(files: dict[str, Any], setup: dict[str, Any], cfg: Config) -> dict[st
     out["batch1"] = _rates(times, 1, n)
     out["batch1"]["prompt_tokens"] = int(ids.shape[1])
     out["llama_cpp_skipped"] = why
+    out["batch1"]["fused / written out"] = ratio(times["wall"], WRITTEN_OUT, int4)
     if llama is not None:
         out["batch1"][f"{int4} / llama.cpp"] = ratio(times["wall"], "llama.cpp (base model)", int4)
 
@@ -332,6 +347,99 @@ def _rates(times: dict[str, dict[str, list[float]]], batch: int, n: int) -> dict
         "tokens_per_s": {k: batch * n / (v / 1000) for k, v in ms.items()},
         "wall": times["wall"],
     }
+
+
+# ------------------------------------------------------------------ one matmul
+def _matmul(setup: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """One MLP-sized matmul (the model's up projection) on its own: int4 ``MatMulNBits``
+    (block 32, ``accuracy_level=4``) against fp32 ``MatMul``, for one row and for
+    ``cfg.batch`` rows; microseconds per matmul. Each session runs 32 independent matmuls
+    of that shape per call, so a call's own overhead is spread thin (median of
+    interleaved rounds of 50 calls). It shows how each kernel's cost grows with the rows
+    of a batch."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from adaption_fx.export.onnx.blocks import quantize_block_weight
+
+    weights = dict(setup["model"].captured.graph_module.named_parameters())
+    n, k = next(w.shape for name, w in weights.items() if "up_proj" in name)
+    rng = np.random.default_rng(0)
+    copies, calls = 32, 50
+    # Each copy its own weight, as each layer has: the fp32 ones (over 100 MB together)
+    # are then read from memory, not from a cache.
+    fp32 = [rng.standard_normal((n, k)).astype(np.float32) for _ in range(copies)]
+    int4 = [quantize_block_weight(w, 4) for w in fp32]
+
+    def matmul_nbits(i: int) -> Any:
+        return helper.make_node(
+            "MatMulNBits",
+            ["x", f"w{i}", f"s{i}", f"z{i}"],
+            [f"y{i}"],
+            domain="com.microsoft",
+            K=k,
+            N=n,
+            bits=4,
+            block_size=32,
+            accuracy_level=4,
+        )
+
+    kernels = {
+        "int4 MatMulNBits": (
+            matmul_nbits,
+            [
+                numpy_helper.from_array(array, f"{prefix}{i}")
+                for i, b in enumerate(int4)
+                for prefix, array in (
+                    ("w", b.packed),
+                    ("s", b.scales),
+                    ("z", b.packed_zero_points()),
+                )
+            ],
+        ),
+        "fp32 MatMul": (
+            lambda i: helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"]),
+            [
+                numpy_helper.from_array(np.ascontiguousarray(w.T), f"w{i}")
+                for i, w in enumerate(fp32)
+            ],
+        ),
+    }
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = cfg.threads
+    options.inter_op_num_threads = 1
+    sessions = {}
+    for name, (node, initializers) in kernels.items():
+        graph = helper.make_graph(
+            [node(i) for i in range(copies)],
+            name,
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+            [
+                helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None)
+                for i in range(copies)
+            ],
+            initializers,
+        )
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)],
+            ir_version=10,
+        )
+        sessions[name] = ort.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+    out: dict[str, Any] = {"shape": [k, n], "us": {}}
+    for rows in (1, cfg.batch):
+        feed = {"x": rng.standard_normal((rows, k)).astype(np.float32)}
+        contenders = {
+            name: (lambda s=session, f=feed: [s.run(None, f) for _ in range(calls)])
+            for name, session in sessions.items()
+        }
+        times = race(contenders, cfg.warmup, cfg.repeats)
+        out["us"][str(rows)] = {
+            name: ms * 1000 / (calls * copies) for name, ms in median_ms(times["wall"]).items()
+        }
+    return out
 
 
 # ----------------------------------------------------------------------- profile
@@ -492,11 +600,23 @@ def markdown(results: dict[str, Any]) -> str:
     else:
         lines.append(f"| llama.cpp | skipped: {speed['llama_cpp_skipped']} |")
     b = f"batch{cfg['batch']}"
+    written = speed["batch1"]["tokens_per_s"][WRITTEN_OUT]
     lines += [
+        f"| {WRITTEN_OUT}: tokens/s, batch 1 | {written:.1f} |",
+        f"| generation, batch 1: {int4} with opset 23's fused ops / written out (tokens/s) | "
+        f"{speed['batch1']['fused / written out']:.2f} |",
         f"| generation, batch {cfg['batch']}: {int4} / fp32 ORT (tokens/s) | "
         f"{speed[b][f'{int4} / fp32']:.2f} |",
         f"| mixed batch of {cfg['batch']} adapters: {int4} / fp32 ORT (tokens/s) | "
         f"{speed['mixed'][f'{int4} / fp32']:.2f} |",
+    ]
+    mm = results["matmul"]
+    k, n = mm["shape"]
+    rows = str(cfg["batch"])
+    lines += [
+        f"| one {k}x{n} matmul alone, us per matmul (1 row / {rows} rows): {name} | "
+        f"{mm['us']['1'][name]:.0f} / {mm['us'][rows][name]:.0f} |"
+        for name in mm["us"]["1"]
     ]
     for name, profile in results["profile"].items():
         top = ", ".join(
@@ -542,10 +662,11 @@ def run(cfg: Config) -> dict[str, Any]:
         }
         results["quality"] = _quality(files, setup, cfg)
         results["speed"] = _speed(files, setup, cfg)
+        results["matmul"] = _matmul(setup, cfg)
         results["torch_base"] = _torch_base(cfg)
-        results["profile"] = {
-            name: _profile(files["decode"][name], setup, cfg) for name in ("fp32", files["int4"])
-        }
+        profiled = {name: files["decode"][name] for name in ("fp32", files["int4"])}
+        profiled[WRITTEN_OUT] = files["written_out"]
+        results["profile"] = {name: _profile(path, setup, cfg) for name, path in profiled.items()}
     return results
 
 

@@ -290,6 +290,42 @@ class EliminateCommonSubexpressions(GraphPass):
         return removed
 
 
+class ShareSizeReads(GraphPass):
+    """Read each size symbol of the graph's inputs once: every ``sym_size`` whose value is
+    such a symbol (the batch, the new length, ...) becomes one read of it from the first
+    input that has it. Each layer reads the batch size from its own tensors; one read
+    lets the layers share what is computed from it (the adapter's batch expansion's
+    shape). Returns how many reads were replaced."""
+
+    def transform(self, graph: torch.fx.Graph) -> int:
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        sources: dict[Any, tuple[torch.fx.Node, int]] = {}
+        for node in placeholders:
+            val = _val(node)
+            if not isinstance(val, torch.Tensor):
+                continue
+            for dim, size in enumerate(val.shape):
+                if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
+                    sources.setdefault(size.node.expr, (node, dim))
+        shared: dict[Any, torch.fx.Node] = {}
+        replaced = 0
+        for node in list(graph.nodes):
+            val = _val(node)
+            if node.target != aten.sym_size.int or not isinstance(val, torch.SymInt):
+                continue
+            expr = val.node.expr
+            if expr not in sources:
+                continue
+            if expr not in shared:
+                with graph.inserting_after(placeholders[-1]):
+                    shared[expr] = graph.call_function(aten.sym_size.int, sources[expr])
+                shared[expr].meta["val"] = val
+            node.replace_all_uses_with(shared[expr])
+            graph.erase_node(node)
+            replaced += 1
+        return replaced
+
+
 class EliminateDeadCode(GraphPass):
     """Remove pure nodes (and unused ``get_attr``) nobody uses. Returns how many."""
 
@@ -309,6 +345,7 @@ __all__ = [
     "EliminateCommonSubexpressions",
     "EliminateDeadCode",
     "FunctionalizeFreshInplace",
+    "ShareSizeReads",
     "is_functional",
     "is_pure",
 ]

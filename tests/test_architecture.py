@@ -266,6 +266,20 @@ def test_importing_the_passes_does_not_load_the_library():
     ]
 
 
+def test_public_functions_keep_their_name_after_their_module_is_imported():
+    # adaption_fx.rewrite is a function and the module defining it: importing the module
+    # (as the CLI and the demo do) must not make `from adaption_fx import rewrite` the module.
+    code = (
+        "import importlib, adaption_fx.rewrite, adaption_fx.app.demo\n"
+        "from adaption_fx import rewrite\n"
+        "import adaption_fx\n"
+        "assert callable(rewrite) and adaption_fx.rewrite is rewrite, type(rewrite)\n"
+        "assert importlib.import_module('adaption_fx.rewrite').rewrite is rewrite\n"
+        "assert type(adaption_fx.passes).__name__ == 'module'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
 @pytest.mark.parametrize(
     ("old", "new", "name"),
     [

@@ -23,7 +23,14 @@ def test_quantized_bench_quick(monkeypatch, tmp_path, capsys):
     assert set(sizes) == {"fp32", "int4 (ORT quantizer)", "int8 (ORT quantizer)"}
     assert sizes["int4 (ORT quantizer)"] < sizes["int8 (ORT quantizer)"] < 1
     speed = result["speed"]
-    assert set(speed["batch1"]["tokens_per_s"]) == set(sizes)
+    written_out = bench.quantized.WRITTEN_OUT  # the int4 file at opset 18
+    assert set(speed["batch1"]["tokens_per_s"]) == set(sizes) | {written_out}
+    assert speed["batch1"]["fused / written out"] > 0
+    assert result["profile"][written_out]["nodes_per_step"] > max(
+        result["profile"]["int4 (ORT quantizer)"]["nodes_per_step"], 1
+    )
+    matmul = result["matmul"]["us"]
+    assert set(matmul) == {"1", "4"} and all(v > 0 for row in matmul.values() for v in row.values())
     assert speed["llama_cpp_skipped"] == "--quick: no GGUF file"
     assert speed["batch4"]["int4 (ORT quantizer) / fp32"] > 0
     assert speed["mixed"]["int4 (ORT quantizer) / fp32"] > 0

@@ -90,7 +90,11 @@ def to_onnx(
             and gates to the folded inputs (see ``OrtModel.set_adapter_weights``).
         fold: precompute the adapter keys/values (see ``passes.fold``); no prompt
             projection is left in the graph.
-        opset: ONNX opset (default: the exporter's).
+        opset: ONNX opset. Default 23, whose ``Attention``, ``RMSNormalization`` and
+            ``RotaryEmbedding`` ops replace the written-out attention, norms and rotary
+            embeddings where the graph has Hugging Face's forms of them (see
+            ``export/onnx/fuse.py``); needs ONNX Runtime >= 1.23. Below 23 every op is
+            written out.
         external_data: store weights in ``<name>.onnx.data``. None: only when the model
             would exceed protobuf's 2 GB limit.
         example_inputs: concrete inputs for the export trace (built from the capture's

@@ -20,11 +20,13 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
+from adaption_fx.export.onnx.fuse import FUSED_OPSET, fuse_for_onnx
 from adaption_fx.export.onnx.plan import (
     BATCH_DIM,
     FlatCall,
 )
 from adaption_fx.passes.cleanup import FunctionalizeFreshInplace, is_functional
+from adaption_fx.passes.rotary import ROTARY_EMBEDDING
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,10 @@ _ALIASES = {
 }
 
 
+# The opset files are written in by default (see fuse.py).
+DEFAULT_OPSET = FUSED_OPSET
+
+
 class NotDirect(Exception):
     """The direct translation does not cover this graph; torch.onnx.export does."""
 
@@ -89,7 +95,22 @@ def _registry(opset_version: int) -> Any:
     from torch.onnx._internal.exporter import _registration
 
     with quiet_exporter():
-        return _registration.ONNXRegistry.from_torchlib(opset_version=opset_version)
+        registry = _registration.ONNXRegistry.from_torchlib(opset_version=opset_version)
+    if opset_version >= FUSED_OPSET:
+        registry.register_op(ROTARY_EMBEDDING, _rotary_embedding_onnx)
+    return registry
+
+
+def _rotary_embedding_onnx(x: Any, cos: Any, sin: Any) -> Any:
+    """``passes.rotary.rotary_embedding`` is ONNX's RotaryEmbedding (4-D input), whose
+    cos/sin tables must have the input's batch size (ONNX Runtime does not broadcast a
+    table of one row, as a forward pass without ``position_ids`` builds)."""
+    from onnxscript import opset23 as op
+
+    if x.shape is None or cos.shape is None or x.shape[0] != cos.shape[0]:
+        sizes = op.Concat(op.Shape(x, start=0, end=1), op.Shape(cos, start=1), axis=0)
+        cos, sin = op.Expand(cos, sizes), op.Expand(sin, sizes)
+    return op.RotaryEmbedding(x, cos, sin)
 
 
 @dataclass
@@ -374,7 +395,10 @@ def _translate(
         _fx_passes.insert_type_promotion_nodes(
             torch.fx.GraphModule(torch.nn.Module(), direct.graph)
         )
-    registry = _registry(max(opset or 0, _constants.TORCHLIB_OPSET))
+    opset = opset or DEFAULT_OPSET
+    registry = _registry(max(opset, _constants.TORCHLIB_OPSET))
+    if registry.opset_version >= FUSED_OPSET:
+        fuse_for_onnx(direct.graph)
     for node in direct.graph.nodes:
         if (
             node.op == "call_function"
@@ -421,9 +445,7 @@ def _translate(
             if isinstance(dim, ir.SymbolicDim) and dim.value is not None:
                 renames[dim.value] = name
     _ir_passes.rename_axis(model, renames)
-    if opset is not None:
-        model = onnxscript_apis.convert_version(model, opset)
-    return model
+    return onnxscript_apis.convert_version(model, opset)
 
 
 def _simplify(model: Any) -> None:
@@ -514,6 +536,8 @@ def onnx_model_of(
                 type(exc).__name__,
                 exc,
             )
+    # torch.onnx.export at its own default opset: at 23 its optimizer fuses rotary
+    # embeddings with one-row cos/sin tables, which ONNX Runtime refuses for a batch.
     kwargs: dict[str, Any] = {}
     if opset is not None:
         kwargs["opset_version"] = opset
