@@ -153,6 +153,8 @@ _ELEMENTWISE = {
     aten.sin.default,
     aten._to_copy.default,
     aten.clone.default,
+    aten.detach.default,  # transformers 4.x computes the tables under no_grad
+    aten.alias.default,
     aten.mul.Tensor,
     aten.div.Tensor,
 }
