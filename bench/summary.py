@@ -63,6 +63,16 @@ ROWS: tuple[tuple[str, str, str], ...] = (
         "generation, batch 4: int4 / fp32 in ORT (tokens/s)",
     ),
     (
+        "serve.md",
+        "throughput: (a) 4 adapters / (b) one adapter",
+        "server, 32 clients: throughput over 4 adapters / all on one adapter",
+    ),
+    (
+        "serve.md",
+        "throughput: (a) 4 adapters / (c) one at a time",
+        "server, 32 clients: throughput over 4 adapters / one request at a time",
+    ),
+    (
         "latest.md",
         "eager forward (GQA): ours / base",
         "toy, eager forward (GQA): ours / base model",

@@ -172,3 +172,18 @@ def step_logits(session, ids: torch.Tensor, mask: torch.Tensor, new: torch.Tenso
         positions = positions[:, -1:] + 1
         logits.append(session.step(column[:, None], mask, positions))
     return logits
+
+
+def embedded_model_installed() -> bool:
+    """Whether the embedded default model's wheel is installed (``./dev.sh test`` and CI
+    install it; tests of the real model are skipped without it)."""
+    from adaption_fx.app.pretrained import embedded_model_file
+
+    try:
+        embedded_model_file()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+EMBEDDED_SKIP_REASON = "the embedded model wheel is not installed (./dev.sh test does it)"

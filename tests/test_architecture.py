@@ -208,11 +208,12 @@ def test_passes_depend_on_nothing_else_in_the_library():
 @pytest.mark.parametrize(
     ("layer", "forbidden"),
     [
-        ("adaption_fx.capture", ("model", "generation", "training", "export", "app")),
-        ("adaption_fx.model", ("training", "export", "app")),
-        ("adaption_fx.generation", ("model", "training", "export", "app")),
-        ("adaption_fx.export", ("generation.loop", "training", "app")),
-        ("adaption_fx.training", ("app",)),
+        ("adaption_fx.capture", ("model", "generation", "training", "export", "serving", "app")),
+        ("adaption_fx.model", ("training", "export", "serving", "app")),
+        ("adaption_fx.generation", ("model", "training", "export", "serving", "app")),
+        ("adaption_fx.export", ("generation.loop", "training", "serving", "app")),
+        ("adaption_fx.training", ("serving", "app")),
+        ("adaption_fx.serving", ("training", "app")),
     ],
 )
 def test_layers_point_one_way(layer, forbidden):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import EMBEDDED_SKIP_REASON, embedded_model_installed
 
 from adaption_fx.app.cli import answer_prompts
 from adaption_fx.app.demo_task import make_splits
@@ -17,15 +18,7 @@ from adaption_fx.rewrite import rewrite
 from adaption_fx.training.data import encode_dataset, parse_record, resolve_pad_token_id
 from adaption_fx.training.loop import Finetune, TrainingArguments
 
-try:
-    embedded_model_file()
-    HAVE_MODEL = True
-except FileNotFoundError:
-    HAVE_MODEL = False
-
-pytestmark = pytest.mark.skipif(
-    not HAVE_MODEL, reason="the embedded model wheel is not installed (./dev.sh test does it)"
-)
+pytestmark = pytest.mark.skipif(not embedded_model_installed(), reason=EMBEDDED_SKIP_REASON)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -601,6 +602,86 @@ def _demo_parser(sub: Any) -> None:
     p.set_defaults(handler=run_from_args)
 
 
+# --------------------------------------------------------------------- serve
+def _adapter_pair(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
+    return name, path
+
+
+def _serve_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible server over many adapters",
+        description="Serve the base model and adapters over the OpenAI API (chat and text "
+        "completions, streaming), with continuous batching of rows of different adapters. "
+        "The request's `model` names the adapter; the base model's name selects none.",
+    )
+    _add_model_option(p)
+    p.add_argument("--onnx", metavar="FILE", help="a mixed-batch generation export to serve "
+                   "(default: exported on start-up and cached)")  # fmt: skip
+    p.add_argument(
+        "--adapter", metavar="NAME=DIR", action="append", type=_adapter_pair, default=[],
+        help="an adapter to serve as NAME (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--engine", choices=["onnxruntime", "eager"], default="onnxruntime")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_non_negative_int, default=8000)
+    p.add_argument("--max-batch-size", type=_positive_int, default=32)
+    p.add_argument("--max-queue", type=_positive_int, default=256)
+    p.add_argument("--max-model-len", type=_positive_int, default=None)
+    p.add_argument("--api-key", default=os.environ.get("ADAPTION_FX_API_KEY"),
+                   help="require `Authorization: Bearer KEY` "
+                   "(default: $ADAPTION_FX_API_KEY)")  # fmt: skip
+    p.add_argument("--allow-adapter-loading", action="store_true",
+                   help="allow POST /v1/adapters and DELETE /v1/adapters/NAME")  # fmt: skip
+    p.add_argument("--adapter-root", metavar="DIR",
+                   help="the only directory run-time adapters may be loaded from")  # fmt: skip
+    p.add_argument("--max-adapter-len", type=_positive_int, default=None,
+                   help="the longest adapter prompt the exported file takes")  # fmt: skip
+    p.add_argument("--adapter-layers", type=_positive_int, default=None,
+                   help="the top layers the exported file adapts (default: the widest "
+                   "start-up adapter's, or all)")  # fmt: skip
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="json: one JSON object per log line (request id, model, status, "
+                   "tokens, seconds)")  # fmt: skip
+    p.set_defaults(handler=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from adaption_fx.serving import ServeConfig, serve
+    except ImportError as exc:
+        raise UsageError(
+            f"serve needs the serve extra (pip install 'adaption-fx[serve]'): {exc}"
+        ) from None
+    names = [name for name, _ in args.adapter]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--adapter names repeat: {names}")
+    config = ServeConfig(
+        model=args.model,
+        onnx=args.onnx,
+        adapters=dict(args.adapter),
+        engine=args.engine,
+        host=args.host,
+        port=args.port,
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        max_model_len=args.max_model_len,
+        api_key=args.api_key,
+        allow_adapter_loading=args.allow_adapter_loading,
+        adapter_root=args.adapter_root,
+        max_adapter_len=args.max_adapter_len,
+        adapter_layers=args.adapter_layers,
+        served_model_name=args.served_model_name,
+        log_format=args.log_format,
+    )
+    config.check()
+    return serve(config)
+
+
 # --------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -614,6 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     _export_parser(sub)
     _eval_parser(sub)
     _demo_parser(sub)
+    _serve_parser(sub)
     return parser
 
 

@@ -452,6 +452,73 @@ def decode_steps(
             streamer.end()
 
 
+class TokenChooser:
+    """How one generation picks each step's tokens and decides which rows ended: the
+    library's one implementation of Hugging Face's options (sampling warpers, logits
+    processors, eos, stopping criteria such as ``stop_strings``), used by :func:`decode_steps`
+    and by the server's scheduler (``adaption_fx.serving``), which runs it per request.
+
+    Args:
+        args: the call's resolved options.
+        mask: the prompts' attention mask (batch, prompt_len) (processors read its length
+            and padding).
+    """
+
+    def __init__(self, args: GenerationArgs, mask: torch.Tensor):
+        device = mask.device
+        self.args = args
+        self.do_sample = args.do_sample
+        self.generator = None
+        if self.do_sample and args.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(args.seed)
+        self.eos_ids = torch.tensor(args.eos_token_ids, dtype=torch.long, device=device)
+        self.pad = args.pad_token_id
+        self.processors = args.logits_processors(mask)
+        self.criteria = args.stopping()
+        #: no processor but the warpers choose_tokens applies, no criterion: the fast path.
+        self.plain = args.fast_path(self.processors, self.criteria)
+        #: rows end by eos or a criterion; without either none does (no host read per step).
+        self.ends = bool(args.eos_token_ids) or bool(self.criteria)
+        self.scores: torch.Tensor | None = None  # the last processed scores (criteria read them)
+
+    def choose(
+        self, logits: torch.Tensor, sequence: torch.Tensor, record: StepRecord | None = None
+    ) -> torch.Tensor:
+        """The next token of each row (batch,) from its last logits (batch, vocab), given
+        each row's tokens so far (``sequence``, read by processors only)."""
+        if self.plain:
+            temperature, top_k, top_p = self.args.sampling
+            return choose_tokens(
+                logits,
+                do_sample=self.do_sample,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                generator=self.generator,
+            )
+        raw = logits.to(dtype=torch.float32, copy=True)
+        scores = self.processors(sequence, raw.clone() if record is not None else raw)
+        if record is not None:
+            record.scores.append(scores)
+            record.logits.append(raw)
+        self.scores = scores
+        if self.do_sample:
+            probs = scores.softmax(dim=-1)
+            return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        return scores.argmax(dim=-1)
+
+    def ended(self, token: torch.Tensor, sequence: torch.Tensor) -> torch.Tensor:
+        """Which rows end with ``token`` (bool, batch): an eos id, or a stopping criterion
+        on ``sequence`` (the tokens so far, ``token`` included)."""
+        done = torch.zeros(token.shape[0], dtype=torch.bool, device=token.device)
+        if self.args.eos_token_ids:
+            done |= torch.isin(token, self.eos_ids)
+        if self.criteria:
+            scores = None if self.plain else self.scores
+            done |= self.criteria(sequence, scores).to(token.device)
+        return done
+
+
 def _steps(
     session: DecodeSession,
     ids: torch.Tensor,
@@ -461,63 +528,29 @@ def _steps(
     record: StepRecord | None,
 ) -> Iterator[torch.Tensor]:
     device = ids.device
-    do_sample = args.do_sample
-    generator = None
-    if do_sample and args.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(args.seed)
     batch = ids.shape[0]
-    eos_ids = torch.tensor(args.eos_token_ids, dtype=torch.long, device=device)
-    pad = args.pad_token_id
-    processors = args.logits_processors(mask)
-    criteria = args.stopping()
-    plain = args.fast_path(processors, criteria)
-    temperature, top_k, top_p = args.sampling
+    chooser = TokenChooser(args, mask)
     use_cache = bool(args.config.use_cache)
     streamer = args.streamer
     # Left padding: a token's position counts only the real tokens before it.
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     session.reset(batch)
     logits = session.step(ids, mask, positions)
-    # Rows end by eos or a criterion; without either none does: no host read per step.
-    ends = bool(args.eos_token_ids) or bool(criteria)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device) if ends else None
+    finished = torch.zeros(batch, dtype=torch.bool, device=device) if chooser.ends else None
     new_column = torch.ones_like(mask[:, :1])
     sequence = ids
-    keep_sequence = not plain or not use_cache
+    keep_sequence = not chooser.plain or not use_cache
     for index in range(max_new_tokens):
-        scores = None
-        if plain:
-            token = choose_tokens(
-                logits,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                generator=generator,
-            )
-        else:
-            raw = logits.to(dtype=torch.float32, copy=True)
-            scores = processors(sequence, raw.clone() if record is not None else raw)
-            if record is not None:
-                record.scores.append(scores)
-                record.logits.append(raw)
-            if do_sample:
-                probs = scores.softmax(dim=-1)
-                token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            else:
-                token = scores.argmax(dim=-1)
+        token = chooser.choose(logits, sequence, record)
         if finished is not None and args.eos_token_ids:
-            token = token.masked_fill(finished, pad)
+            token = token.masked_fill(finished, chooser.pad)
         if keep_sequence:  # processors, criteria and the cache-free step read it
             sequence = torch.cat([sequence, token[:, None]], dim=-1)
         if streamer is not None:
             streamer.put(token.cpu())
         yield token
         if finished is not None:
-            if args.eos_token_ids:
-                finished |= torch.isin(token, eos_ids)
-            if criteria:
-                finished |= criteria(sequence, scores).to(device)
+            finished |= chooser.ended(token, sequence)
         if index == max_new_tokens - 1 or (finished is not None and bool(finished.all())):
             break
         mask = torch.cat([mask, new_column], dim=-1)

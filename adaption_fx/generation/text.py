@@ -97,28 +97,55 @@ def generate_in_batches(
     return answers
 
 
-def text_chunks(tokens: Iterable[torch.Tensor], tokenizer: Any) -> Iterator[str]:
-    """The text of a stream of new tokens (one row: each item a (1,) tensor), piece by
-    piece as it becomes printable: transformers' ``TextStreamer`` decides when (whole
-    words, completed multi-byte characters), special tokens are skipped.
+class TextPieces:
+    """One row's new tokens in, its text out as it becomes printable: transformers'
+    ``TextStreamer`` decides when (whole words, completed multi-byte characters); special
+    tokens are skipped. Push-based, for callers that receive tokens one at a time (the
+    server's scheduler); :func:`text_chunks` is the same over an iterator.
     """
-    from transformers import TextStreamer
 
-    pieces: list[str] = []
+    def __init__(self, tokenizer: Any):
+        from transformers import TextStreamer
 
-    class Collect(TextStreamer):
-        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-            if text:
-                pieces.append(text)
+        pieces: list[str] = []
+        self._pieces = pieces
 
-    streamer = Collect(load_tokenizer(tokenizer), skip_special_tokens=True)
-    for token in tokens:
+        class Collect(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                if text:
+                    pieces.append(text)
+
+        self._streamer = Collect(load_tokenizer(tokenizer), skip_special_tokens=True)
+
+    def _take(self) -> str:
+        text = "".join(self._pieces)
+        self._pieces.clear()
+        return text
+
+    def put(self, token: int | torch.Tensor) -> str:
+        """Add one token; returns the text it made printable ("" if none yet)."""
+        token = torch.as_tensor(token).reshape(-1)
         if token.numel() != 1:
             raise ValueError(
                 f"text streaming takes one prompt at a time, got a batch of {token.numel()}"
             )
-        streamer.put(token.reshape(1).cpu())
-        yield from pieces
-        pieces.clear()
-    streamer.end()
-    yield from pieces
+        self._streamer.put(token.cpu())
+        return self._take()
+
+    def end(self) -> str:
+        """The text still held back (the last word); call once, after the last token."""
+        self._streamer.end()
+        return self._take()
+
+
+def text_chunks(tokens: Iterable[torch.Tensor], tokenizer: Any) -> Iterator[str]:
+    """The text of a stream of new tokens (one row: each item a (1,) tensor), piece by
+    piece as it becomes printable (see :class:`TextPieces`)."""
+    pieces = TextPieces(tokenizer)
+    for token in tokens:
+        text = pieces.put(token)
+        if text:
+            yield text
+    text = pieces.end()
+    if text:
+        yield text
