@@ -5,7 +5,8 @@
 
 The package is laid out by concern; each subpackage's docstring lists its modules:
 
-- the core: :mod:`adaption_fx.config`, :mod:`adaption_fx.rewrite`, :mod:`adaption_fx.checkpoint`;
+- the core: :mod:`adaption_fx.config`, :mod:`adaption_fx.rewrite`, :mod:`adaption_fx.checkpoint`,
+  :mod:`adaption_fx.files` (reading files from elsewhere: checked, bounded, never code);
 - :mod:`adaption_fx.passes`: graph passes (they depend on nothing else in the library);
 - :mod:`adaption_fx.capture`: torch.export capture, repeated layers, the decode step, the
   graph cache, release differences;
@@ -36,6 +37,7 @@ _PUBLIC = {
     "AdaptionConfig": "adaption_fx.config",
     "AttentionNotFoundError": "adaption_fx.passes.errors",
     "CaptureError": "adaption_fx.capture.captured",
+    "CheckpointError": "adaption_fx.checkpoint",
     "UnsupportedGraphError": "adaption_fx.passes.errors",
     "generate_text": "adaption_fx.generation.text",
     "rewrite": "adaption_fx.rewrite",
@@ -48,6 +50,7 @@ __all__ = [
     "AdaptionConfig",
     "AttentionNotFoundError",
     "CaptureError",
+    "CheckpointError",
     "UnsupportedGraphError",
     "__version__",
     "generate_text",
@@ -55,6 +58,7 @@ __all__ = [
 ]
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ below loads them
     from adaption_fx.capture.captured import CaptureError
+    from adaption_fx.checkpoint import CheckpointError
     from adaption_fx.config import AdaptionConfig
     from adaption_fx.generation.text import generate_text
     from adaption_fx.model.adapted import AdaptedModel

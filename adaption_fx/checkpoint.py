@@ -25,6 +25,9 @@ from typing import Any, TextIO
 
 import torch
 
+from adaption_fx.files import read_json
+from adaption_fx.passes.insert import PROMPT_SUFFIX
+
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
@@ -92,10 +95,7 @@ def read_config_dict(directory: PathLike) -> dict[str, Any]:
         raise FileNotFoundError(
             f"no {CONFIG_NAME} or {TRAINER_WEIGHTS_NAME} in {str(root)!r}{hint}"
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    data = read_json(path, what=CONFIG_NAME, error=CheckpointError)
     return _checked_config(data, str(path))
 
 
@@ -174,16 +174,112 @@ def _config_of_trainer_weights(path: Path) -> dict[str, Any]:
     return config_from_tensor(value, str(path))
 
 
-def read_adapter_state(directory: PathLike) -> tuple[dict[str, torch.Tensor], str]:
+def read_adapter_state(
+    directory: PathLike,
+    expected: Mapping[str, tuple[int, ...]] | None = None,
+    config: str = "the adapter config",
+) -> tuple[dict[str, torch.Tensor], str]:
     """An adapter's tensors with our keys (``model.layers.3.self_attn.adaption_prompt``),
     and the file they came from: PEFT's adapter_model.safetensors where the directory has
     adapter_config.json, else a plain Trainer's model.safetensors (its config entry left
-    out; :func:`read_config_dict` reads it)."""
+    out; :func:`read_config_dict` reads it).
+
+    ``expected``: the shape of every tensor the adapter must have, by our key. Where given,
+    the file's header (names, shapes, dtypes) is checked against it before any tensor is
+    read, so a file or config that disagrees costs nothing to refuse; ``config`` describes
+    the config fields the shapes follow from, for the messages."""
     root = Path(directory)
     if (trainer_file := _trainer_weights(root)) is not None:
-        tensors, _ = split_config_entry(_load_safetensors(trainer_file))
-        return tensors, str(trainer_file)
-    return from_peft_keys(read_tensors(root), str(root / WEIGHTS_NAME)), str(root / WEIGHTS_NAME)
+        path, prefix = trainer_file, ""
+    else:
+        path, prefix = root / WEIGHTS_NAME, PEFT_KEY_PREFIX
+        if not path.is_file():
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {str(root)!r}")
+    if expected is not None:
+        header = tensor_header(path)
+        if not prefix:  # the Trainer's file holds the config too
+            header.pop(EXTRA_STATE_KEY, None)
+        ours = {k.removeprefix(prefix) if prefix else k: v for k, v in header.items()}
+        check_header(ours, expected, str(path), config)
+    if not prefix:
+        tensors, _ = split_config_entry(_load_safetensors(path))
+        return tensors, str(path)
+    return from_peft_keys(_load_safetensors(path), str(path)), str(path)
+
+
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def check_sizes_against_tensors(directory: PathLike, adapter_len: int, adapter_layers: int) -> None:
+    """The config's sizes against the prompts in the adapter file's header, before any
+    model is at hand: ``adapter_layers`` prompts, each of ``adapter_len`` tokens. A config
+    that asks for more than its file holds is refused (CheckpointError naming the field)
+    without reading a tensor."""
+    root = Path(directory)
+    path = _trainer_weights(root) or root / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {str(root)!r}")
+    config = root / CONFIG_NAME if path.name == WEIGHTS_NAME else path
+    prompts = {
+        key: shape
+        for key, (shape, _) in tensor_header(path).items()
+        if key.rsplit(".", 1)[-1] == PROMPT_SUFFIX
+    }
+    if len(prompts) != adapter_layers:
+        raise CheckpointError(
+            f"{config}: field 'adapter_layers' is {adapter_layers}, but {path.name} holds "
+            f"{len(prompts)} adapted layers' prompts"
+        )
+    for key, shape in prompts.items():
+        if len(shape) != 3 or shape[1] != adapter_len:
+            raise CheckpointError(
+                f"{config}: field 'adapter_len' is {adapter_len}, but {path.name}'s {key} has "
+                f"shape {shape} (one batch row, adapter_len tokens, the hidden size)"
+            )
+
+
+def tensor_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The name, shape and dtype (safetensors' names: "F32", ...) of every tensor in a
+    safetensors file, from its header alone (no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = {}
+            for key in f.keys():
+                tensor = f.get_slice(key)
+                header[key] = (tuple(tensor.get_shape()), tensor.get_dtype())
+            return header
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}"
+        ) from exc
+
+
+def check_header(
+    header: Mapping[str, tuple[tuple[int, ...], str]],
+    expected: Mapping[str, tuple[int, ...]],
+    where: str,
+    config: str,
+) -> None:
+    """A safetensors header against the tensors a config implies: the same names, each
+    of the expected shape and a floating-point dtype; else CheckpointError naming the file,
+    the tensor and the config."""
+    missing = [k for k in expected if k not in header]
+    unexpected = sorted(set(header) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where}: tensors do not match the model's adapted layers for {config}: "
+            f"missing {missing[:6]}, unexpected {unexpected[:6]}"
+        )
+    for key, shape in expected.items():
+        found, dtype = header[key]
+        if found != tuple(shape):
+            raise CheckpointError(
+                f"{where}: {key} has shape {found} but this model needs {tuple(shape)} ({config})"
+            )
+        if dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{where}: {key} has non-float dtype {dtype}")
 
 
 def write_adapter_config(

@@ -10,7 +10,7 @@ import torch
 
 from adaption_fx.capture.export_model import capture
 from adaption_fx.capture.gc_pause import paused_gc
-from adaption_fx.checkpoint import adapter_directory
+from adaption_fx.checkpoint import adapter_directory, check_sizes_against_tensors
 from adaption_fx.config import AdaptionConfig
 from adaption_fx.model.adapted import AdaptedModel, check_adapter_name
 from adaption_fx.passes.errors import UnsupportedGraphError
@@ -64,8 +64,11 @@ def rewrite(
         )
     check_adapter_name(adapter_name)  # before the (slow) capture
     if isinstance(config, (str, os.PathLike)):
-        # A bad directory fails here, before the (slow) capture.
-        AdaptionConfig.from_pretrained(adapter_directory(config, adapter_name))
+        # A bad directory fails here, before the (slow) capture: its config, and the
+        # config's sizes against the file's tensors (read from its header only).
+        folder = adapter_directory(config, adapter_name)
+        found = AdaptionConfig.from_pretrained(folder)
+        check_sizes_against_tensors(folder, found.adapter_len, found.adapter_layers)
     elif config is not None and not isinstance(config, AdaptionConfig):
         raise TypeError(
             "config must be an AdaptionConfig, an adapter checkpoint directory or None, "

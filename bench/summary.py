@@ -73,6 +73,11 @@ ROWS: tuple[tuple[str, str, str], ...] = (
         "server, 32 clients: throughput over 4 adapters / one request at a time",
     ),
     (
+        "fuzz.md",
+        "adapter_len=1000000000: rewrite(model, directory)",
+        "adapter_config.json asking for adapter_len=10**9: refused by rewrite in, ms",
+    ),
+    (
         "latest.md",
         "eager forward (GQA): ours / base",
         "toy, eager forward (GQA): ours / base model",

@@ -10,17 +10,24 @@ needs exporting again.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-# At module level, unlike torch below: the adaption_fx package has loaded both already.
+# At module level, unlike torch below: the adaption_fx package has loaded them already.
+from adaption_fx.export.onnx.metadata import (
+    OnnxFileError,
+    TableSite,
+    check_against_graph,
+    check_projection,
+    parse_metadata,
+)
+from adaption_fx.export.onnx.plan import METADATA_KEY
 from adaption_fx.generation.options import EosTokenIds
 from adaption_fx.model.mixed import (
     BASE_ADAPTER,
@@ -80,28 +87,56 @@ def _to_numpy(name: str, value: Any) -> np.ndarray:
     return value
 
 
-@dataclass(frozen=True)
-class _TableSite:
-    """An adapted site as a mixed-batch file's metadata describes it: what
-    ``build_adapter_table`` and the checkpoint checks read of an ``AttentionSite``."""
+# ONNX Runtime's exceptions for a file it cannot load (not those of a device or an
+# execution provider failing, which say nothing about the file).
+_LOAD_ERRORS = (
+    "Fail",
+    "InvalidArgument",
+    "InvalidGraph",
+    "InvalidProtobuf",
+    "NoModel",
+    "NoSuchFile",
+    "NotFound",
+    "NotImplemented",
+)
+# What ONNX Runtime's messages carry besides the reason: the error code, the file again,
+# source locations and C++ signatures.
+_ORT_NOISE = (
+    re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : "),
+    re.compile(r"Load model from .*? failed:"),
+    re.compile(r"\S+\.(?:cc|cpp|h):\d+ "),
+    re.compile(r"(?:onnxruntime|onnx|std)::[\w:~<>]+\([^()]*\) "),
+)
 
-    module_path: str
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    value_head_dim: int
-    hidden_size: int
 
-    @classmethod
-    def from_metadata(cls, entry: Mapping[str, Any]) -> _TableSite:
-        return cls(
-            module_path=entry["module_path"],
-            num_heads=int(entry["num_heads"]),
-            num_kv_heads=int(entry["num_kv_heads"]),
-            head_dim=int(entry["head_dim"]),
-            value_head_dim=int(entry["value_head_dim"]),
-            hidden_size=int(entry["hidden_size"]),
-        )
+def short_ort_message(exc: BaseException, limit: int = 300) -> str:
+    """ONNX Runtime's reason in ``exc``, without its code, source locations and C++
+    signatures, at most ``limit`` characters (the end kept: the reason comes last)."""
+    text = " ".join(str(exc).split())
+    for pattern in _ORT_NOISE:
+        text = pattern.sub("", text)
+    text = text.strip() or type(exc).__name__
+    return text if len(text) <= limit else "..." + text[-(limit - 3) :]
+
+
+def open_session(path: Path, what: str, **kwargs: Any) -> Any:
+    """An ``onnxruntime.InferenceSession`` of the file at ``path`` (``kwargs`` are the
+    session's). A file ONNX Runtime cannot load (truncated, damaged, not ONNX, its
+    external data missing or outside its directory, which ONNX Runtime refuses) raises
+    :class:`OnnxFileError` naming the file (``what``) and ONNX Runtime's reason."""
+    import onnxruntime as ort
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    errors = tuple(getattr(state, name) for name in _LOAD_ERRORS if hasattr(state, name))
+    # ONNX Runtime's message quotes parts of a damaged file, which may not decode as UTF-8:
+    # the error is then Python's UnicodeDecodeError about that message.
+    errors += (UnicodeDecodeError,)
+    try:
+        return ort.InferenceSession(str(path), **kwargs)
+    except errors as exc:
+        raise OnnxFileError(
+            f"{path}: ONNX Runtime cannot load this {what}: {short_ort_message(exc)}"
+        ) from None
 
 
 def _row_count(adapter_names: Any) -> int:
@@ -130,6 +165,15 @@ class OrtModel:
     then pass ``adapter_names`` (one registered name or ``"__base__"`` per row) to every
     call, :meth:`run` and :meth:`generate`. ``"__base__"`` is always available, so such a
     file runs the base model before any adapter is set.
+
+    Raises:
+        FileNotFoundError: there is no file at ``path``.
+        OnnxFileError: (a ``ValueError``, from ``adaption_fx.export``) ONNX Runtime cannot
+            load the file (truncated, damaged, not ONNX, external data missing or outside
+            its directory), or its ``adaption_fx`` metadata is not what ``to_onnx`` writes
+            (checked field by field, and against the graph's inputs and outputs, before
+            anything it sizes is allocated). A damaged adapter projection companion raises
+            it naming the companion when a checkpoint directory first needs it.
     """
 
     def __init__(
@@ -152,13 +196,22 @@ class OrtModel:
             session_options.intra_op_num_threads = intra_op_num_threads or (os.cpu_count() or 1)
             session_options.inter_op_num_threads = 1
             session_options.log_severity_level = 3  # errors only
-        self.session = ort.InferenceSession(
-            str(self.path), sess_options=session_options, providers=self.providers
+        self.session = open_session(
+            self.path, "ONNX file", sess_options=session_options, providers=self.providers
         )
-        raw = self.session.get_modelmeta().custom_metadata_map.get("adaption_fx")
-        self.metadata: dict[str, Any] = json.loads(raw) if raw else {}
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        try:  # the names and metadata are the file's strings, which may not be UTF-8
+            self.inputs = {i.name: i for i in self.session.get_inputs()}
+            outputs = {o.name: o for o in self.session.get_outputs()}
+            raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        except UnicodeDecodeError as exc:
+            raise OnnxFileError(
+                f"{self.path}: its input, output or metadata strings are not UTF-8 text: {exc}"
+            ) from None
+        self.output_names = list(outputs)
+        # Checked before anything reads it: every field's type and bounds, and the names
+        # and sizes it gives against the graph's own inputs and outputs.
+        self.metadata: dict[str, Any] = parse_metadata(raw, self.path)
+        check_against_graph(self.metadata, self.path, self.inputs, outputs)
         adapter = self.metadata.get("adapter_inputs", [])
         self.adapter_input_names: list[str] = list(adapter)
         self.model_input_names = [n for n in self.inputs if n not in adapter]
@@ -170,9 +223,9 @@ class OrtModel:
         self._adapters: dict[str, TableEntry] = {}
         self._table_names: tuple[str, ...] = (BASE_ADAPTER,)
         self._table_feed: dict[str, np.ndarray] = {}
-        self._table_sites: list[_TableSite] = []
+        self._table_sites: list[TableSite] = []
         if self._mixed is not None:
-            self._table_sites = [_TableSite.from_metadata(e) for e in self._mixed["sites"]]
+            self._table_sites = [TableSite.from_metadata(e) for e in self._mixed["sites"]]
             self._table_names, self._table_feed = self._build_table({})
 
     # ----------------------------------------------------------------- running
@@ -355,9 +408,12 @@ class OrtModel:
         if adapter_names is not None:  # checked against the prompts before anything runs
             batch = input_ids.shape[0] if isinstance(input_ids, torch.Tensor) else -1
             adapter_names = check_adapter_names(adapter_names, batch, self.adapter_names)
-        args = resolve_generation(
-            self.generation_config, self.default_token_ids, generation_config, **options
-        )
+        stored = self.generation_config
+        try:
+            args = resolve_generation(stored, self.default_token_ids, generation_config, **options)
+        except (TypeError, ValueError) as exc:
+            self._blame_stored_config(stored, generation_config, options, exc)
+            raise
         max_length = self.metadata.get("generation", {}).get("max_length")
         return run_generation(
             self.decode_session,
@@ -378,7 +434,31 @@ class OrtModel:
             return None
         from transformers import GenerationConfig
 
-        return GenerationConfig.from_dict(stored)
+        try:
+            return GenerationConfig.from_dict(stored)
+        except (TypeError, ValueError) as exc:
+            raise OnnxFileError(
+                f"{self.path}: metadata field 'generation.config' is not a generation config: {exc}"
+            ) from None
+
+    def _blame_stored_config(
+        self, stored: Any, generation_config: Any, options: dict[str, Any], exc: Exception
+    ) -> None:
+        """Where a generate call failed, and the same call without the file's stored
+        generation config would not have, the file is at fault: say so, naming it (the
+        call's options can override a stored value)."""
+        from adaption_fx.generation.args import resolve_generation
+
+        if stored is None:
+            return
+        try:
+            resolve_generation(None, self.default_token_ids, generation_config, **options)
+        except (TypeError, ValueError):
+            return  # the call's own options are wrong: its error stands
+        raise OnnxFileError(
+            f"{self.path}: metadata field 'generation.config' holds a value generate cannot "
+            f"run ({exc}); pass that option to generate to override it"
+        ) from exc
 
     @property
     def default_token_ids(self) -> tuple[EosTokenIds, int | None]:
@@ -637,6 +717,8 @@ class OrtModel:
                 raise ckpt.CheckpointError(f"{where}: {key} has non-float dtype {value.dtype}")
             if not bool(torch.isfinite(value).all()):
                 raise ckpt.CheckpointError(f"{where}: {key} holds NaN or infinite values")
+        # The projection first: its checks bound the zero-padded prompts below.
+        self._projection_session()
         # Every covered site's prompt, zero-padded to the projection's length (zero where
         # the adapter does not adapt the site): keys and values are computed token by
         # token, so the first `length` of each are the prompt's own.
@@ -707,20 +789,37 @@ class OrtModel:
             return raw
         return self._project(raw, expected)
 
-    def _project(self, raw: dict[str, np.ndarray], order: list[str]) -> dict[str, np.ndarray]:
-        import onnxruntime as ort
-
+    def _projection_session(self) -> Any:
+        """The adapter projection companion's session, opened (and checked against the
+        metadata) once."""
         if self._projection is None:
+            # A bare file name (parse_metadata refuses any other): the companion is beside
+            # the model, never elsewhere.
             name = self.metadata.get("projection")
             if not name or not (self.path.parent / name).is_file():
                 raise FileNotFoundError(
-                    f"{self.path.name} needs its adapter projection file {name!r} beside it"
+                    f"{self.path} needs its adapter projection file {name!r} beside it"
                 )
-            self._projection = ort.InferenceSession(
-                str(self.path.parent / name), providers=["CPUExecutionProvider"]
+            companion = self.path.parent / name
+            session = open_session(
+                companion,
+                f"adapter projection of {self.path.name}",
+                providers=["CPUExecutionProvider"],
             )
+            try:
+                inputs = {i.name: i for i in session.get_inputs()}
+                outputs = {o.name: o for o in session.get_outputs()}
+            except UnicodeDecodeError as exc:
+                raise OnnxFileError(
+                    f"{companion}: its input or output names are not UTF-8 text: {exc}"
+                ) from None
+            check_projection(self.metadata, self.path, companion, inputs, outputs)
+            self._projection = session
+        return self._projection
+
+    def _project(self, raw: dict[str, np.ndarray], order: list[str]) -> dict[str, np.ndarray]:
         feed = {}
-        for inp in self._projection.get_inputs():
+        for inp in self._projection_session().get_inputs():
             dtype = _ORT_TYPES.get(inp.type, np.float32)
             value = raw[inp.name]
             if list(value.shape) != list(inp.shape):
@@ -728,8 +827,9 @@ class OrtModel:
                     f"{inp.name}: checkpoint shape {list(value.shape)}, exported {inp.shape}"
                 )
             feed[inp.name] = value.astype(dtype, copy=False)
-        names = [o.name for o in self._projection.get_outputs()]
-        return dict(zip(names, self._projection.run(names, feed), strict=True))
+        session = self._projection_session()
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(names, feed), strict=True))
 
 
 _NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}

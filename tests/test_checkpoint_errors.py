@@ -214,7 +214,7 @@ def test_missing_weights_file(adapted, ckpt_dir):
         (b"{not json", "is not valid JSON"),
         (b"", "is not valid JSON"),
         (b"\xff\xfe\x00garbage", "is not valid JSON"),
-        (b"[1, 2]", "must hold a JSON object, got list"),
+        (b"[1, 2]", "must be an object, got list"),
     ],
     ids=["broken", "empty", "not-utf8", "list"],
 )
@@ -284,7 +284,7 @@ def test_hidden_size_mismatch(adapted, narrow_saved, name):
 def test_more_adapter_layers_than_the_model_has(adapted, deep_saved):
     snap = snapshot_state(adapted)
     with pytest.raises(
-        CheckpointError, match="does not fit: adapter_layers=6 but the model has only 4"
+        CheckpointError, match="does not fit: field 'adapter_layers' is 6, but the model has only 4"
     ):
         adapted.load_adapter(deep_saved, "deep")
     assert_state_unchanged(adapted, snap)
@@ -356,7 +356,7 @@ def test_tensor_keys_must_match(adapted, ckpt_dir, edit, pattern, name):
 def test_non_float_tensor(adapted, ckpt_dir):
     _edit_tensors(ckpt_dir, lambda t: t.update({PREFIX + GATE3: torch.ones(1, dtype=torch.int32)}))
     snap = snapshot_state(adapted)
-    with pytest.raises(CheckpointError, match=r"non-float dtype torch\.int32"):
+    with pytest.raises(CheckpointError, match=r"non-float dtype I32"):
         adapted.load_adapter(ckpt_dir)
     assert_state_unchanged(adapted, snap)
 
@@ -773,3 +773,54 @@ def test_interrupted_config_save_pretrained(tmp_path, monkeypatch):
     PER_HEAD.save_pretrained(tmp_path)  # and a later save goes through
     assert AdaptionConfig.from_pretrained(tmp_path) == PER_HEAD
     assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG, EXTRAS]
+
+
+# --------------------------------------------------------------------------- absurd sizes
+@pytest.mark.parametrize(
+    ("changes", "pattern"),
+    [
+        (
+            {"adapter_len": 10**9},
+            r"field 'adapter_len' is 1000000000, but .*has shape \(1, 3, 64\)",
+        ),
+        ({"adapter_layers": 10**6}, r"field 'adapter_layers' is 1000000, but .* holds 2"),
+    ],
+    ids=["adapter_len", "adapter_layers"],
+)
+def test_absurd_sizes_are_refused_before_the_capture(ckpt_dir, changes, pattern):
+    # Checked against the file's header before anything is captured or allocated (a
+    # 10**9-token prompt would be 256 GB here).
+    _edit_config(ckpt_dir, **changes)
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=pattern) as info:
+        rewrite(model, ckpt_dir)
+    assert str(ckpt_dir / CONFIG) in str(info.value)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize(
+    ("changes", "pattern"),
+    [
+        (
+            {"adapter_len": 10**9},
+            r"has shape \(1, 3, 64\) but this model needs \(1, 1000000000, 64\)",
+        ),
+        ({"adapter_layers": 10**6}, "field 'adapter_layers' is 1000000, but the model has only 4"),
+    ],
+    ids=["adapter_len", "adapter_layers"],
+)
+def test_absurd_sizes_are_refused_by_load_adapter(adapted, ckpt_dir, changes, pattern):
+    _edit_config(ckpt_dir, **changes)
+    snap = snapshot_state(adapted)
+    with pytest.raises(CheckpointError, match=pattern):
+        adapted.load_adapter(ckpt_dir, "absurd")
+    assert_state_unchanged(adapted, snap)
+
+
+def test_an_oversized_config_file_is_refused_unread(ckpt_dir):
+    (ckpt_dir / CONFIG).write_text(
+        '{"peft_type": "ADAPTION_PROMPT", "pad": "' + "x" * (2 << 20) + '"}'
+    )
+    with pytest.raises(CheckpointError, match=r"adapter_config.json is \d+ bytes, more than"):
+        AdaptionConfig.from_pretrained(ckpt_dir)

@@ -44,7 +44,13 @@ TASK_WORDS = [text for record in TASK.train + TASK.held_out for text in record.v
 PROMPTS = ["Say hi", "what is the sum", "hello there"]
 NEW = 8  # new tokens per answer
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "adaption_fx.json"}
-CHECKPOINT_FILES = {*ADAPTER_FILES, "training_state.pt", "trainer_state.json", "data_order.json"}
+CHECKPOINT_FILES = {
+    *ADAPTER_FILES,
+    "training_state.safetensors",
+    "training_state.json",
+    "trainer_state.json",
+    "data_order.json",
+}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # At --max-length 64 (the Alpaca prompt alone is about 55 tokens here) the record with an

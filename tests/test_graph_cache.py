@@ -242,3 +242,120 @@ def test_an_unwritable_cache_does_not_fail_the_capture(tmp_path, monkeypatch):
     adapted = rewrite(model, None)
     ids, mask = padded_batch()
     assert torch.equal(adapted(input_ids=ids, attention_mask=mask).logits, model(ids, mask).logits)
+
+
+# ----------------------------------------------------------------------------- trust
+def _replant(path, schema_blob):
+    """Rewrite an entry with ``schema_blob`` as its pickled program, header and checksum
+    recomputed (as anyone who can write the file can)."""
+    import hashlib
+    import json
+    import struct
+
+    from adaption_fx.capture.graph_cache import MAGIC
+
+    data = path.read_bytes()
+    start = len(MAGIC) + 8
+    (length,) = struct.unpack("<Q", data[len(MAGIC) : start])
+    header = json.loads(data[start : start + length])
+    payload = data[start + length :]
+    rest = payload[header["sizes"][0] :]
+    payload = schema_blob + rest
+    header["sizes"][0] = len(schema_blob)
+    header["sha256"] = hashlib.sha256(payload).hexdigest()
+    text = json.dumps(header).encode()
+    path.write_bytes(MAGIC + struct.pack("<Q", len(text)) + text + payload)
+
+
+class _Planted:
+    """A pickle that, loaded by pickle.loads, creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_a_planted_pickle_in_an_entry_does_not_run(cache_dir, tmp_path, caplog):
+    import pickle
+
+    rewrite(tiny_llama(), None)
+    path = next(cache_dir.glob("masked-*.graph"))
+    marker = tmp_path / "planted-pickle-ran"
+    blob = pickle.dumps(_Planted(marker))
+    pickle.loads(blob)  # the gadget works where pickle.loads reads it
+    assert marker.exists()
+    marker.unlink()
+    _replant(path, blob)
+    model = tiny_llama()
+    with caplog.at_level(logging.WARNING, logger="adaption_fx.capture.graph_cache"):
+        adapted = rewrite(model, None)
+    assert not marker.exists()
+    assert _logged(caplog, "export schema only")
+    ids, mask = padded_batch()
+    assert torch.equal(adapted(input_ids=ids, attention_mask=mask).logits, model(ids, mask).logits)
+
+
+def test_a_world_writable_cache_is_neither_read_nor_written(tmp_path, monkeypatch, caplog):
+    import adaption_fx.files
+
+    root = tmp_path / "shared-scratch"
+    root.mkdir()
+    monkeypatch.setenv(ENV_DIRECTORY, str(root))
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    rewrite(tiny_llama(), None)  # entries written while the directory is private
+    entries = {p: p.stat().st_mtime_ns for p in (root / "graphs").glob("*.graph")}
+    assert len(entries) == 2
+    root.chmod(0o777)
+    monkeypatch.setattr(adaption_fx.files, "_WARNED", set())
+    with caplog.at_level(logging.INFO, logger="adaption_fx"):
+        rewrite(tiny_llama(), None)
+        rewrite(tiny_llama(), None)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # once per directory and process
+    assert str(root) in warnings[0].getMessage()
+    assert "writable by others" in warnings[0].getMessage()
+    assert not _logged(caplog, "loaded the") and not _logged(caplog, "cached the")
+    assert {p: p.stat().st_mtime_ns for p in (root / "graphs").glob("*.graph")} == entries
+
+
+def test_a_fresh_cache_is_private(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    monkeypatch.setenv(ENV_DIRECTORY, str(tmp_path / "new" / "cache"))
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    old = os.umask(0o002)  # a umask that would leave directories group-writable
+    try:
+        rewrite(tiny_llama(), None)
+    finally:
+        os.umask(old)
+    graphs = tmp_path / "new" / "cache" / "graphs"
+    for path in (graphs.parent, graphs, *graphs.iterdir()):
+        assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, path
+
+
+@pytest.mark.parametrize("how", ["group-writable", "another owner", "symlink"])
+def test_an_entry_file_someone_else_could_write_is_not_read(cache_dir, caplog, how):
+    import os
+    import shutil
+
+    rewrite(tiny_llama(), None)
+    path = next(cache_dir.glob("masked-*.graph"))
+    if how == "group-writable":
+        path.chmod(0o620)
+    elif how == "another owner":
+        if os.getuid() != 0:
+            pytest.skip("changing a file's owner needs root")
+        os.chown(path, 4242, 4242)
+    else:
+        target = path.with_name("elsewhere")
+        shutil.move(path, target)
+        path.symlink_to(target)
+    with caplog.at_level(logging.WARNING, logger="adaption_fx.capture.graph_cache"):
+        rewrite(tiny_llama(), None)
+    (record,) = _logged(caplog, "is unusable")
+    assert "the entry file" in record.getMessage()

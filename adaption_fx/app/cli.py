@@ -241,6 +241,75 @@ def _finetune_parser(sub: Any) -> None:
     p.set_defaults(handler=cmd_finetune)
 
 
+# The JSON type of each finetune option as run.json keeps it (None: not given), and the
+# least value of the integer ones: what --resume takes from the file is checked as the
+# parser checks what is typed (tests/test_resume_files.py keeps this in step with the
+# options).
+RUN_OPTION_TYPES: dict[str, tuple[type, ...]] = {
+    "data": (str,),
+    "model": (str, type(None)),
+    "val_data": (str, type(None)),
+    "val_split": (float, type(None)),
+    "max_length": (int,),
+    "adapter_len": (int,),
+    "adapter_layers": (int, type(None)),
+    "gate": (str,),
+    "gate_activation": (str,),
+    "gradient_checkpointing": (bool,),
+    "epochs": (int,),
+    "max_steps": (int, type(None)),
+    "batch_size": (int,),
+    "grad_accum": (int,),
+    "lr": (float,),
+    "warmup_steps": (int, type(None)),
+    "weight_decay": (float,),
+    "eval_every": (int, type(None)),
+    "save_every": (int, type(None)),
+    "seed": (int,),
+    "compile": (bool,),
+}
+RUN_OPTION_MINIMUMS = {
+    "max_length": 1,
+    "adapter_len": 1,
+    "adapter_layers": 1,
+    "epochs": 1,
+    "max_steps": 1,
+    "batch_size": 1,
+    "grad_accum": 1,
+    "warmup_steps": 0,
+    "eval_every": 1,
+    "save_every": 1,
+    "seed": 0,
+}
+
+
+def read_run_options(run_file: Path, known: set[str]) -> dict[str, Any]:
+    """The finetune options a run kept in its ``run.json`` (field ``cli``), each checked:
+    the file may come from anyone, and a wrong type must not surface as a trace later."""
+    from adaption_fx.files import field, read_json
+
+    where = str(run_file)
+    data = read_json(run_file, what="run file", error=UsageError)
+    stored = field(data, "cli", dict, where, default={}, error=UsageError)
+    options = {}
+    for key, value in stored.items():
+        if key not in known:
+            continue  # an option of another version: not ours to use
+        name = f"cli.{key}"
+        options[key] = field(
+            {name: value},
+            name,
+            RUN_OPTION_TYPES.get(key, (str, int, float, bool, type(None))),
+            where,
+            minimum=RUN_OPTION_MINIMUMS.get(key),
+            error=UsageError,
+        )
+    split = options.get("val_split")
+    if split is not None and not 0 < split < 1:
+        raise UsageError(f"{where}: field 'cli.val_split' is {split}, not in (0, 1)")
+    return options
+
+
 def _finetune_options(given: dict[str, Any], out: Path, resume: bool) -> dict[str, Any]:
     """The run's options: built-in defaults, then (resuming) the run's own, then ``given``."""
     from adaption_fx.training.loop import RUN_FILE
@@ -251,8 +320,7 @@ def _finetune_options(given: dict[str, Any], out: Path, resume: bool) -> dict[st
         run_file = out / RUN_FILE
         if not run_file.is_file():
             raise UsageError(f"--resume: no {RUN_FILE} in {str(out)!r}")
-        stored = json.loads(run_file.read_text(encoding="utf-8")).get("cli", {})
-        options.update({k: v for k, v in stored.items() if k in known})
+        options.update(read_run_options(run_file, known))
     options.update({k: v for k, v in given.items() if k in known})
     if options.get("data") is None:
         raise UsageError("--data FILE is required")

@@ -27,6 +27,16 @@ has a new checksum, so no verdict carries over to it.
 Location: ``$ADAPTION_FX_CACHE_DIR``, else ``$XDG_CACHE_HOME/adaption-fx``, else
 ``~/.cache/adaption-fx`` (graphs under ``graphs/``). ``ADAPTION_FX_CACHE=0`` in the
 environment, or ``rewrite(..., cache=False)``, turns it off.
+
+Trust: reading a program back is as powerful as running code (torch's deserialiser parses
+symbolic sizes with sympy, which evaluates them), and a checksum only proves that whoever
+wrote an entry computed it. So entries are read from and written to a directory only
+when it and the cache root are owned by the current user and writable by no one else,
+and only entry files with the same owner and modes (:func:`adaption_fx.files
+.private_cache_directory`); elsewhere (a shared scratch disk, mode 0777) one warning names
+the directory and captures run without the cache. Directories the cache creates are
+private (0700), entries 0600. On top of that the pickled part of an entry is read by an
+unpickler that builds torch's export-schema classes and nothing else.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import io
 import json
 import logging
 import marshal
@@ -54,10 +65,14 @@ from unittest import mock
 import sympy
 import torch
 
+from adaption_fx.files import cache_root, private_cache_directory, untrusted_reason
+
 logger = logging.getLogger(__name__)
 
 ENV_SWITCH = "ADAPTION_FX_CACHE"
 ENV_DIRECTORY = "ADAPTION_FX_CACHE_DIR"
+_SUBDIRECTORY = "graphs"
+_WHAT = "graph cache"
 FORMAT = 2
 MAGIC = b"ADAPTION-FX GRAPH\n"
 _SUFFIX = ".graph"
@@ -74,11 +89,7 @@ def cache_enabled(requested: bool = True) -> bool:
 
 def cache_directory() -> Path:
     """Where entries live (see the module docstring); not created until an entry is written."""
-    explicit = os.environ.get(ENV_DIRECTORY)
-    if explicit:
-        return Path(explicit).expanduser() / "graphs"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "adaption-fx" / "graphs"
+    return cache_root() / _SUBDIRECTORY
 
 
 def clear_cache() -> int:
@@ -239,9 +250,13 @@ class CacheEntry:
         return self.path.with_name(f"{self.path.name}.{check}.ok")
 
     def verified(self, check: str) -> bool:
-        """Whether ``check`` passed on what was built from this very entry before."""
+        """Whether ``check`` passed on what was built from this very entry before (a
+        verdict file someone else could have written counts as none)."""
+        stamp = self._stamp(check)
+        if untrusted_reason(stamp) is not None:
+            return False
         try:
-            return self._stamp(check).read_text() == self.sha256
+            return stamp.read_bytes()[:64] == self.sha256.encode()
         except OSError:
             return False
 
@@ -276,7 +291,6 @@ def _write(path: Path, key: dict[str, Any], blobs: list[bytes]) -> str:
     payload = b"".join(blobs)
     sha256 = hashlib.sha256(payload).hexdigest()
     header = json.dumps({"key": key, "sizes": [len(b) for b in blobs], "sha256": sha256}).encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomically(path, MAGIC + struct.pack("<Q", len(header)) + header + payload)
     return sha256
 
@@ -295,7 +309,11 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 def read_entry_file(path: Path, key: dict[str, Any]) -> tuple[list[bytes], str]:
-    """An entry's parts and its payload checksum; CacheEntryError if it must not be used."""
+    """An entry's parts and its payload checksum; CacheEntryError if it must not be used
+    (including an entry file that someone other than this user could have written)."""
+    reason = untrusted_reason(path)
+    if reason is not None:
+        raise CacheEntryError(f"the entry file {reason}")
     data = path.read_bytes()
     if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 8:
         raise CacheEntryError("not a graph cache entry")
@@ -337,7 +355,10 @@ def deserialize_program(blobs: list[bytes], model: torch.nn.Module) -> torch.exp
     if len(blobs) != 3:
         raise CacheEntryError(f"{len(blobs)} parts, expected 3")
     schema_bytes, constants_bytes, examples_bytes = blobs
-    schema = pickle.loads(schema_bytes)
+    try:
+        schema = SchemaUnpickler(io.BytesIO(schema_bytes)).load()
+    except Exception as exc:  # a damaged pickle fails in many ways: all are unusable
+        raise CacheEntryError(f"unreadable program: {type(exc).__name__}: {exc}") from exc
     if not isinstance(schema, serde.ExportedProgram):
         raise CacheEntryError(f"holds a {type(schema).__name__}, not a program")
     own = dict(model.named_parameters(remove_duplicate=False))
@@ -360,6 +381,28 @@ def deserialize_program(blobs: list[bytes], model: torch.nn.Module) -> torch.exp
     with _LOCK, mock.patch.object(serde, "sympy", ParseOnce()):
         return serde.ExportedProgramDeserializer().deserialize(
             schema, state, constants, examples_bytes
+        )
+
+
+class SchemaUnpickler(pickle.Unpickler):
+    """Reads the pickled program schema: torch's export-schema classes (dataclasses,
+    enums, unions and their tags) and plain data, never any other callable, so a planted
+    pickle cannot name ``os.system`` (it fails with UnpicklingError)."""
+
+    _MODULES = ("torch._export.serde.schema",)
+
+    def find_class(self, module: str, name: str) -> Any:
+        from torch._export.serde import schema
+        from torch._export.serde.union import _UnionTag
+
+        if module == "torch._export.serde.union" and name == "_UnionTag":
+            return _UnionTag
+        if module in self._MODULES and not name.startswith("_"):
+            value = getattr(schema, name, None)
+            if isinstance(value, type) and value.__module__ == module:
+                return value
+        raise pickle.UnpicklingError(
+            f"a graph cache entry may hold torch's export schema only, not {module}.{name}"
         )
 
 
@@ -407,8 +450,10 @@ def cached_export(
     except Exception as exc:  # a model the key cannot describe is captured uncached
         logger.info("not caching the %s capture: %s", what, exc)
         return export()
-    path = cache_directory() / f"{what}-{_digest(key)}{_SUFFIX}"
-    if path.exists():
+    name = f"{what}-{_digest(key)}{_SUFFIX}"
+    directory = private_cache_directory(_SUBDIRECTORY, _WHAT, create=False)
+    path = None if directory is None else directory / name
+    if path is not None and path.exists():
         try:
             blobs, sha256 = read_entry_file(path, key)
             program = deserialize_program(blobs, model)
@@ -419,6 +464,10 @@ def cached_export(
             logger.warning("graph cache entry %s is unusable (%s); rebuilding it", path, exc)
             _remove(path)
     program = export()
+    directory = private_cache_directory(_SUBDIRECTORY, _WHAT, create=True)
+    if directory is None:  # not ours alone (warned), or cannot be created (logged)
+        return program
+    path = directory / name
     try:
         _remove(path)  # verdicts recorded on an earlier entry at this path
         _ENTRIES[program] = CacheEntry(path, _write(path, key, _serialize(program)))

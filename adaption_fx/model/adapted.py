@@ -33,7 +33,7 @@ from adaption_fx.model.mixed import (
 )
 from adaption_fx.passes.graph_copy import owner_at
 from adaption_fx.passes.insert import AdaptionGraph, adapter_tensor_shapes
-from adaption_fx.passes.locate import locate_attention
+from adaption_fx.passes.locate import locate_attention, select_top_sites
 from adaption_fx.passes.mixed_batch import MixedGraph
 from adaption_fx.passes.site import AttentionSite
 
@@ -801,35 +801,37 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         check_adapter_name(adapter_name)
         folder = ckpt.adapter_directory(directory, adapter_name)
         config = AdaptionConfig.from_pretrained(folder)
-        state, where = ckpt.read_adapter_state(folder)
-        try:
-            prepared = self._prepare(config)
-        except ValueError as exc:
-            raise ckpt.CheckpointError(f"{folder}: the checkpoint does not fit: {exc}") from exc
-        weights = prepared[-1]
-        params = dict(weights.named_parameters())
-        missing = sorted(set(params) - set(state))
-        unexpected = sorted(set(state) - set(params))
-        if missing or unexpected:
+        # The config's sizes are checked against the model and the file's header before
+        # anything is allocated: a config asking for adapter_len=10**9 costs nothing.
+        config_file = folder / ckpt.CONFIG_NAME
+        if not config_file.is_file():  # a plain Trainer's file: the config is inside it
+            config_file = folder / ckpt.TRAINER_WEIGHTS_NAME
+        if config.adapter_layers > len(self.sites):
             raise ckpt.CheckpointError(
-                f"{where}: tensors do not match the model's adapted layers for "
-                f"adapter_layers={config.adapter_layers}: missing {missing[:6]}, "
-                f"unexpected {unexpected[:6]}"
+                f"{config_file}: the checkpoint does not fit: field 'adapter_layers' is "
+                f"{config.adapter_layers}, but the model has only {len(self.sites)} attention "
+                "layers"
             )
+        expected = adapter_tensor_shapes(
+            select_top_sites(self.sites, config.adapter_layers), config.structure
+        )
+        described = (
+            f"adapter_len={config.adapter_len}, adapter_layers={config.adapter_layers}, "
+            f"gate={config.gate!r} in {config_file.name}, the hidden size of the layer's "
+            "projections"
+        )
+        state, where = ckpt.read_adapter_state(folder, expected, described)
         for key, value in state.items():
-            if tuple(value.shape) != tuple(params[key].shape):
-                raise ckpt.CheckpointError(
-                    f"{where}: {key} has shape {tuple(value.shape)} but this model needs "
-                    f"{tuple(params[key].shape)} (adapter_len={config.adapter_len}, "
-                    f"gate={config.gate!r}, hidden size of the layer's projections)"
-                )
-            if not value.is_floating_point():
-                raise ckpt.CheckpointError(f"{where}: {key} has non-float dtype {value.dtype}")
             if not allow_non_finite and not bool(torch.isfinite(value).all()):
                 raise ckpt.CheckpointError(
                     f"{where}: {key} holds NaN or infinite values; refusing to load them "
                     "(pass allow_non_finite=True to load anyway)"
                 )
+        try:
+            prepared = self._prepare(config)
+        except ValueError as exc:
+            raise ckpt.CheckpointError(f"{folder}: the checkpoint does not fit: {exc}") from exc
+        params = dict(prepared[-1].named_parameters())
         with torch.no_grad():
             for key, value in state.items():
                 params[key].copy_(value)

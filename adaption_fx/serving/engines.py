@@ -100,10 +100,6 @@ class OrtEngine:
         self._ort = ort
         self.model = model
         self.max_length: int = generation["max_length"]
-        self._past_names: list[str] = generation["past_inputs"]
-        self._present_names: list[str] = generation["present_outputs"]
-        self._cache_shapes: list[list[int]] = generation["cache_shapes"]
-        self._cache_dtype = np.dtype(generation["cache_dtype"])
         self._session: Any = None
         self._adapters: list[str] = []
         self._table_changed = False
@@ -132,18 +128,12 @@ class OrtEngine:
 
     # ------------------------------------------------------------------ steps
     def prefill(self, input_ids: torch.Tensor, adapter: str) -> tuple[torch.Tensor, list]:
-        ids = input_ids.numpy().astype(np.int64)
-        n = ids.shape[1]
-        feed = {
-            "input_ids": ids,
-            "attention_mask": np.ones_like(ids),
-            "position_ids": np.arange(n, dtype=np.int64)[None, :],
-        }
-        for name, (heads, dim) in zip(self._past_names, self._cache_shapes, strict=True):
-            feed[name] = np.zeros((1, heads, 0, dim), dtype=self._cache_dtype)
-        out = self.model.run(adapter_names=[adapter], **feed)
-        logits = torch.from_numpy(np.array(out["logits"][:, -1, :]))
-        return logits, [torch.from_numpy(out[name]) for name in self._present_names]
+        # One row from an empty cache: a decode session of its own, one step.
+        session = self.model.decode_session([adapter])
+        session.reset(1)
+        n = input_ids.shape[1]
+        logits = session.step(input_ids, torch.ones_like(input_ids), torch.arange(n)[None, :])
+        return logits, [torch.from_numpy(value.numpy()) for value in session.past]
 
     def set_batch(self, cache: list[torch.Tensor], adapters: Sequence[str]) -> None:
         self._adapters = list(adapters)

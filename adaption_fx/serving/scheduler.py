@@ -114,7 +114,6 @@ class _Row:
         self.request = request
         self.index = index
         args = request.args[index]
-        self.args = args
         prompt = torch.tensor([request.prompt_ids], dtype=torch.long)
         self.chooser = TokenChooser(args, torch.ones_like(prompt))
         # Processors and criteria read the tokens so far; the fast path needs none.

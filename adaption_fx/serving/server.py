@@ -3,22 +3,26 @@
 ONNX Runtime is the default engine: the mixed-batch generation file is exported on
 start-up when ``--onnx`` gives none, and kept in the cache directory
 (``$ADAPTION_FX_CACHE_DIR``, else ``~/.cache/adaption-fx``, under ``serve/``), keyed by
-the model file and the file's sizes, so a restart reuses it. ``engine="eager"`` runs the
-AdaptedModel in PyTorch instead.
+the model file and the file's sizes, so a restart reuses it; a cache directory that others
+can write is not used (see :func:`adaption_fx.files.private_cache_directory`).
+``engine="eager"`` runs the AdaptedModel in PyTorch instead.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
-import os
+import shutil
 import signal
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adaption_fx.files import private_cache_directory, untrusted_reason
 from adaption_fx.serving.app import ServerState, create_app
 from adaption_fx.serving.engines import EagerEngine, Engine, OrtEngine
 from adaption_fx.serving.logs import configure as configure_logging
@@ -95,12 +99,16 @@ class ServeConfig:
                 raise FileNotFoundError(f"adapter {name!r}: {path!r} is not a directory")
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("ADAPTION_FX_CACHE_DIR")
-    if root:
-        return Path(root) / "serve"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "adaption-fx" / "serve"
+def _export_directory() -> Path:
+    """The cache directory for exported files where it is this user's alone; elsewhere (a
+    shared directory: warned once) a temporary directory, removed at exit, so a file
+    someone else planted is never served."""
+    directory = private_cache_directory("serve", "export cache", create=True)
+    if directory is not None:
+        return directory
+    scratch = Path(tempfile.mkdtemp(prefix="adaption-fx-serve-"))
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    return scratch
 
 
 def _export_key(source: str, settings: dict[str, Any]) -> str:
@@ -153,12 +161,11 @@ def build_engine(config: ServeConfig) -> tuple[Engine, Any, str]:
     else:
         max_adapter_len, layers = _structure(model, config)
         settings = {"max_adapter_len": max_adapter_len, "adapter_layers": layers}
-        path = _cache_dir() / f"{_export_key(loaded.source, settings)}.onnx"
-        if path.is_file():
+        path = _export_directory() / f"{_export_key(loaded.source, settings)}.onnx"
+        if path.is_file() and untrusted_reason(path) is None:
             logger.info("reusing the exported file %s", path)
         else:
             logger.info("exporting the mixed-batch decode step to %s", path)
-            path.parent.mkdir(parents=True, exist_ok=True)
             to_onnx(
                 model,
                 path,
@@ -168,6 +175,8 @@ def build_engine(config: ServeConfig) -> tuple[Engine, Any, str]:
                 mixed_max_adapter_len=max_adapter_len,
                 mixed_adapter_layers=layers,
             )
+            for written in path.parent.glob(f"{path.stem}*"):  # the file and its companions
+                written.chmod(0o600)  # this user's alone, whatever the umask
     ort_model = OrtModel(path)
     for adapter, directory in config.adapters.items():
         ort_model.set_adapter_weights(Path(directory), adapter_name=adapter)

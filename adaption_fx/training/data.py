@@ -221,12 +221,22 @@ def read_records(path: str | os.PathLike[str], *, progress: bool = False) -> lis
     name = os.fspath(path)
     if not os.path.exists(name):
         raise FileNotFoundError(f"no dataset file at {name!r}")
+    if not os.path.isfile(name):
+        raise DataError(f"{name}: the dataset is not a regular file")
+    # The whole file is read once: what it holds is never more than its size asks for.
+    with open(name, "rb") as handle:
+        raw = handle.read()
     try:
         # utf-8-sig: a byte-order mark (Windows editors write one) must not hide the "[".
-        with open(name, encoding="utf-8-sig") as handle:
-            text = handle.read()
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise DataError(f"{name}: not UTF-8 text ({err})") from err
+        # err.object: the bytes after a byte-order mark, which its offsets count in.
+        line = err.object.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"{name}:{line}: not UTF-8 text (byte {err.object[err.start]:#04x} cannot start or "
+            "continue a character)"
+        ) from None
+    del raw
 
     if text.lstrip().startswith("["):
         located = _json_list_records(text, name)
@@ -243,12 +253,14 @@ def read_records(path: str | os.PathLike[str], *, progress: bool = False) -> lis
 def _json_list_records(text: str, name: str) -> list[tuple[str, Any]]:
     """(source, record) pairs of a file holding one JSON list."""
     try:
-        records = json.loads(text)
+        records = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as err:
         raise DataError(
             f"{name}:{err.lineno}: invalid JSON at column {err.colno}: {err.msg} "
             "(a file starting with '[' is read as one JSON list of records)"
         ) from err
+    except (ValueError, RecursionError) as err:
+        raise DataError(f"{name}: invalid JSON: {_json_problem(err)}") from None
     if not isinstance(records, list):
         raise DataError(f"{name}: expected a JSON list of records, got {type(records).__name__}")
     return [(f"{name}, record {index}", record) for index, record in enumerate(records)]
@@ -263,7 +275,7 @@ def _json_lines_records(text: str, name: str) -> list[tuple[str, Any]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line, parse_constant=_no_constant)
         except json.JSONDecodeError as err:
             hint = ""
             if line.strip() == "{":
@@ -273,8 +285,37 @@ def _json_lines_records(text: str, name: str) -> list[tuple[str, Any]]:
                 f"{name}:{number}: invalid JSON at column {err.colno}: {err.msg}; "
                 f"line starts {line[:60]!r}{hint}"
             ) from err
+        except (ValueError, RecursionError) as err:
+            raise DataError(
+                f"{name}:{number}: invalid JSON: {_json_problem(err)}; line starts {line[:60]!r}"
+            ) from None
         located.append((f"{name}:{number}", record))
     return located
+
+
+def _no_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON (Python's json module accepts them).
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _json_problem(err: BaseException) -> str:
+    """What went wrong beyond a syntax error: too deep, a number too long, NaN."""
+    if isinstance(err, RecursionError):
+        return "values nested too deeply"
+    return str(err)
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message, at most a line of it; long strings and containers are
+    cut before they are rendered, not after."""
+    if isinstance(value, str):
+        return repr(value[:60]) + ("..." if len(value) > 60 else "")
+    if isinstance(value, list):
+        return f"[{len(value)} item(s)]"
+    if isinstance(value, dict):
+        return f"{{{len(value)} key(s)}}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def parse_record(record: Any, source: str = "<record>") -> Example:
@@ -319,7 +360,7 @@ def _parse_alpaca(record: dict[str, Any], source: str) -> Example:
     for key, value in (("instruction", instruction), ("input", input_), ("output", output)):
         if not isinstance(value, str):
             raise DataError(
-                f"{source}: '{key}' must be a string, got {type(value).__name__} {value!r:.60}"
+                f"{source}: '{key}' must be a string, got {type(value).__name__} {_shown(value)}"
             )
     for key, value in (("instruction", instruction), ("output", output)):
         if not value.strip():
@@ -333,7 +374,7 @@ def _parse_messages(messages: Any, source: str) -> tuple[Message, ...]:
     if not isinstance(messages, list) or not messages:
         raise DataError(
             f"{source}: 'messages' must be a non-empty list of {{role, content}} objects, got "
-            f"{messages!r:.60}"
+            f"{_shown(messages)}"
         )
     parsed = []
     for index, message in enumerate(messages):
@@ -344,11 +385,12 @@ def _parse_messages(messages: Any, source: str) -> tuple[Message, ...]:
         if missing:
             raise DataError(f"{where} is missing {' and '.join(map(repr, missing))}")
         role, content = message["role"], message["content"]
-        if role not in ROLES:
-            raise DataError(f"{where}: role {role!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(role, str) or role not in ROLES:
+            raise DataError(f"{where}: role {_shown(role)} is not one of {', '.join(ROLES)}")
         if not isinstance(content, str):
             raise DataError(
-                f"{where}: 'content' must be a string, got {type(content).__name__} {content!r:.60}"
+                f"{where}: 'content' must be a string, got {type(content).__name__} "
+                f"{_shown(content)}"
             )
         if role == "assistant" and not content.strip():
             raise DataError(f"{where}: assistant content is empty")

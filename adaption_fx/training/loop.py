@@ -5,15 +5,23 @@ Everything a run produces lives in its output directory:
 - ``run.json``: the run's arguments (what ``--resume`` continues);
 - ``metrics.jsonl``: one JSON record per optimizer step and per evaluation;
 - ``loss.png``: train and validation loss against step, redrawn at each evaluation;
-- ``checkpoint-<step>/``: the adapter in PEFT format plus ``training_state.pt``
-  (optimizer, scheduler and RNG state), ``trainer_state.json`` and ``data_order.json``
-  (the batches of every step), each written in a temporary directory and renamed;
+- ``checkpoint-<step>/``: the adapter in PEFT format plus ``training_state.safetensors``
+  and ``training_state.json`` (optimizer, scheduler and RNG state: tensors, and plain
+  values with the layout naming the tensors), ``trainer_state.json`` and
+  ``data_order.json`` (the batches of every step), each written in a temporary directory
+  and renamed;
 - ``adapter_config.json`` + ``adapter_model.safetensors``: the final adapter (PEFT format).
 
 The batches of the whole run are fixed up front from the seed, so a run resumed from a
 checkpoint takes exactly the steps the uninterrupted run would have taken and ends with
 the same adapter, bit for bit (CPU). Ctrl-C (or SIGTERM) finishes the current step, writes
 a checkpoint and stops; a second Ctrl-C stops at once.
+
+Every file of a run directory is read as if someone else wrote it (run directories are
+shared): sizes are bounded, fields checked, nothing is unpickled, and a damaged file raises
+:class:`TrainingError` naming the file and the field, before the model, the optimizer or
+the RNGs change. A checkpoint of an earlier version (``training_state.pt``) is read with
+torch's restricted loader (tensors and plain data only), then checked the same way.
 
 Started by torchrun (a ``torch.distributed`` process group exists), the run is data parallel
 (see :mod:`adaption_fx.training.distributed`): each rank runs its share of every planned batch, DDP
@@ -42,13 +50,21 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from adaption_fx.checkpoint import (
     DEFAULT_ADAPTER,
+    CheckpointError,
     atomic_directory,
     write_json_atomic,
     write_text_atomic,
+)
+from adaption_fx.config import AdaptionConfig
+from adaption_fx.files import (
+    LARGE_JSON_BYTES,
+    field,
+    read_json,
 )
 from adaption_fx.model.adapted import AdaptedModel
 from adaption_fx.training.arguments import TrainingArguments
@@ -60,13 +76,21 @@ from adaption_fx.training.data import (
     collate,
 )
 from adaption_fx.training.distributed import SINGLE_PROCESS, DataParallel
+from adaption_fx.training.state import (
+    STATE_JSON_FILE,
+    STATE_TENSORS_FILE,
+    TrainingError,
+    read_training_state,
+    same_value,
+    shown,
+    training_state_files,
+)
 
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
-STATE_FILE = "training_state.pt"
 TRAINER_STATE_FILE = "trainer_state.json"
 DATA_ORDER_FILE = "data_order.json"
 # Weights first, the config last: a reader that sees the config sees the rest.
@@ -88,10 +112,6 @@ SCHEDULE_FIELDS = (
     "weight_decay",
     "seed",
 )
-
-
-class TrainingError(ValueError):
-    """A training run cannot start or resume as asked."""
 
 
 # --------------------------------------------------------------------- schedule
@@ -274,7 +294,12 @@ def _to_device(
 
 # --------------------------------------------------------------------- output directory
 def checkpoints(out: Path) -> list[tuple[int, Path]]:
-    """The complete checkpoints in ``out``, oldest first."""
+    """The checkpoints in ``out`` (``checkpoint-<step>/`` directories holding a
+    ``trainer_state.json``), oldest first.
+
+    A resumed run takes the newest; when that one is damaged, :meth:`Finetune.resume`
+    refuses it and names the one before it to resume from instead, rather than fall back
+    to it silently (which would redo steps the user believes done)."""
     found = []
     if out.is_dir():
         for path in out.iterdir():
@@ -364,11 +389,72 @@ def publish_adapter(model: AdaptedModel, out: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+# A metrics record is a few hundred bytes; a longer line is damaged, and is not parsed.
+METRICS_LINE_BYTES = 64 << 10
+# A record per step and evaluation: as much as a data order (which lists every step).
+METRICS_MAX_BYTES = LARGE_JSON_BYTES
+
+
 def read_metrics(out: Path) -> list[dict[str, Any]]:
+    """The records of ``out/metrics.jsonl``, in file order ([] without the file).
+
+    The file is only a record of the run (the checkpoints hold what a resumed run needs),
+    so a damaged line (not a JSON object, no string ``kind`` or integer ``step``, a
+    ``train`` record without a numeric ``loss`` or an ``eval`` one without ``val_loss``)
+    is dropped with a warning naming the file and line: a crash while a line was appended
+    leaves half a line, which must not stop ``--resume`` (which rewrites the file without
+    it). A file over ``METRICS_MAX_BYTES`` raises TrainingError: move it away.
+    """
     path = out / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    size = path.stat().st_size
+    if size > METRICS_MAX_BYTES:
+        raise TrainingError(
+            f"{path} is {size} bytes, more than the {METRICS_MAX_BYTES} a metrics file of a run "
+            "can be; move it out of the run directory (it is only a record: the run goes on "
+            "without it)"
+        )
+    records = []
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            record, problem = _metrics_record(line)
+            if problem is not None:
+                logger.warning(
+                    "%s:%d: %s; the line is dropped (the file is only a record of the run: "
+                    "the plot leaves it out, and --resume rewrites the file without it)",
+                    path,
+                    number,
+                    problem,
+                )
+                continue
+            records.append(record)
+    return records
+
+
+def _metrics_record(line: bytes) -> tuple[dict[str, Any], str | None]:
+    """One metrics line as a record, or why it is damaged."""
+    if len(line) > METRICS_LINE_BYTES:
+        return {}, f"the line is {len(line)} bytes, longer than any metrics record"
+    try:
+        # json.loads, not parse_json: a step whose loss became NaN is recorded as NaN.
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return {}, f"not valid JSON ({exc})"
+    if not isinstance(record, dict):
+        return {}, f"not a JSON object but {type(record).__name__}"
+    kind, step = record.get("kind"), record.get("step")
+    if not isinstance(kind, str):
+        return {}, "field 'kind' is missing or not a string"
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return {}, "field 'step' is missing or not a non-negative integer"
+    value = {"train": "loss", "eval": "val_loss"}.get(kind)
+    number = record.get(value) if value else 0.0
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        return {}, f"a {kind!r} record whose field {value!r} is missing or not a number"
+    return record, None
 
 
 def draw_loss_plot(records: Sequence[dict[str, Any]], path: Path) -> bool:
@@ -546,15 +632,9 @@ class Finetune:
             return target
         with atomic_directory(target) as tmp:
             save_active_adapter(self.model, tmp)
-            torch.save(
-                {
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "python_rng": random.getstate(),
-                },
-                tmp / STATE_FILE,
-            )
+            tensors, document = training_state_files(self.optimizer, self.scheduler)
+            save_file(tensors, str(tmp / STATE_TENSORS_FILE), metadata={"format": "pt"})
+            write_json_atomic(tmp / STATE_JSON_FILE, document)
             write_json_atomic(
                 tmp / TRAINER_STATE_FILE,
                 {
@@ -575,26 +655,42 @@ class Finetune:
         """Load the newest checkpoint in ``out``: adapter, optimizer, scheduler, RNG, step.
 
         The checkpoint must come from a run with the same data, adapter and schedule
-        arguments, else TrainingError lists what differs. Data parallel, every rank loads
-        it (rank 0 alone drops the metrics of the steps after it).
+        arguments, else TrainingError lists what differs. Every file is read and checked
+        before the model, the optimizer or the RNGs change: a damaged or foreign file
+        raises TrainingError naming it and the field, and leaves all of them (and the run
+        directory) as they were. A damaged newest checkpoint is an error, not a reason to
+        fall back to an older one silently: the message names the older ones to resume
+        from instead. Data parallel, every rank loads it (rank 0 alone drops the metrics of
+        the steps after it).
         """
         found = checkpoints(self.out)
         if not found:
             raise TrainingError(f"no checkpoint-<step>/ directory in {str(self.out)!r}")
         step, path = found[-1]
-        state = json.loads((path / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
+        # A damaged file: what to do instead (an older checkpoint, or starting over).
+        older = [p.name for _, p in found[:-1]]
+        instead = (
+            f"resume from {older[-1]} instead by moving {path.name} out of {str(self.out)!r}, or "
+            if older
+            else ""
+        )
+        advice = f"Nothing was changed; {instead}start again with --overwrite"
+        try:
+            state, order = self._read_checkpoint(step, path)
+        except TrainingError as exc:
+            raise TrainingError(f"cannot resume from {path}: {exc}. {advice}") from None
         mine = self.args.to_dict()
+        arguments = state["arguments"]
         differ = [
-            f"{name}: checkpoint {state['arguments'].get(name)!r}, now {mine[name]!r}"
+            f"{name}: checkpoint {shown(arguments.get(name))}, now {mine[name]!r}"
             for name in SCHEDULE_FIELDS
-            if state["arguments"].get(name) != mine[name]
+            if not same_value(arguments.get(name), mine[name])
         ]
         adapter = self.model.adapters[self.model.active_adapter].to_dict()
-        if state.get("adapter") != adapter:
-            differ.append(f"adapter: checkpoint {state.get('adapter')}, now {adapter}")
-        if state.get("data_fingerprint") != self.fingerprint:
+        if not same_value(state["adapter"], adapter):
+            differ.append(f"adapter: checkpoint {shown(state['adapter'])}, now {adapter}")
+        if state["data_fingerprint"] != self.fingerprint:
             differ.append("the training data (or its tokenization / max_length) changed")
-        order = json.loads((path / DATA_ORDER_FILE).read_text(encoding="utf-8"))["steps"]
         if not differ and order != self.plan:
             differ.append("the batch order differs from the checkpoint's data_order.json")
         if differ:
@@ -602,26 +698,83 @@ class Finetune:
                 f"cannot resume from {path}: it was written by a different run: "
                 + "; ".join(differ)
             )
-        self.model.load_adapter(path, self.model.active_adapter)
+        try:
+            # A fresh optimizer and schedule on the adapter's tensors, to check the state
+            # against before anything changes (they share no state with self.optimizer).
+            probe, schedule = build_optimizer(
+                active_parameters(self.model), self.args, self.warmup, self.total_steps
+            )
+            loaded = read_training_state(path, probe, schedule, step)
+            # The adapter files must hold the adapter trainer_state.json describes (the one
+            # the optimizer state was checked against).
+            saved = AdaptionConfig.from_pretrained(path).to_dict()
+            if not same_value(saved, adapter):
+                raise TrainingError(
+                    f"{path}: the adapter files hold {saved}, but {TRAINER_STATE_FILE} and this "
+                    f"run have {adapter}"
+                )
+        except (TrainingError, CheckpointError, FileNotFoundError) as exc:
+            raise TrainingError(f"cannot resume from {path}: {exc}. {advice}") from None
+        kept = None
+        if self.parallel.is_main:
+            # Records after the checkpoint belong to steps that will be taken again.
+            kept = [r for r in read_metrics(self.out) if r["step"] <= step]
+        try:
+            # It checks the adapter files in full before it changes the model.
+            self.model.load_adapter(path, self.model.active_adapter)
+        except CheckpointError as exc:
+            raise TrainingError(f"cannot resume from {path}: {exc}. {advice}") from None
         # load_adapter may install new parameter objects: rebuild the optimizer on them.
         self.optimizer, self.scheduler = build_optimizer(
             active_parameters(self.model), self.args, self.warmup, self.total_steps
         )
-        saved = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["torch_rng"])
-        random.setstate(saved["python_rng"])
+        self.optimizer.load_state_dict(loaded.optimizer)
+        self.scheduler.load_state_dict(loaded.scheduler)
+        torch.set_rng_state(loaded.torch_rng)
+        random.setstate(loaded.python_rng)
         self.step = step
-        self.tokens = int(state.get("tokens", 0))
-        self.elapsed = float(state.get("elapsed_s", 0.0))
-        # Records after the checkpoint belong to steps that will be taken again.
-        if self.parallel.is_main:
-            kept = [r for r in read_metrics(self.out) if r.get("step", 0) <= step]
+        self.tokens = state["tokens"]
+        self.elapsed = float(state["elapsed_s"])
+        if kept is not None:
             text = "".join(json.dumps(r) + "\n" for r in kept)
             write_text_atomic(self.out / METRICS_FILE, text)
         logger.info("resumed from %s (step %d of %d)", path, step, self.total_steps)
         return path
+
+    def _read_checkpoint(self, step: int, path: Path) -> tuple[dict[str, Any], Any]:
+        """The checked fields of ``path/trainer_state.json`` and the steps of its
+        ``data_order.json``."""
+        state_file = path / TRAINER_STATE_FILE
+        where = str(state_file)
+        state = read_json(state_file, what="trainer state", error=TrainingError)
+        recorded = field(state, "step", int, where, minimum=0, error=TrainingError)
+        if recorded != step:
+            raise TrainingError(
+                f"{where}: field 'step' is {recorded}, but the directory is {path.name}"
+            )
+        if step > self.total_steps:
+            raise TrainingError(
+                f"{where}: field 'step' is {step}, beyond this run's {self.total_steps} steps"
+            )
+        checked = {
+            "arguments": field(state, "arguments", dict, where, error=TrainingError),
+            "adapter": field(state, "adapter", dict, where, error=TrainingError),
+            "data_fingerprint": field(state, "data_fingerprint", str, where, error=TrainingError),
+            "tokens": field(state, "tokens", int, where, default=0, minimum=0, error=TrainingError),
+            "elapsed_s": field(state, "elapsed_s", float, where, default=0.0, error=TrainingError),
+        }
+        if checked["elapsed_s"] < 0:
+            raise TrainingError(f"{where}: field 'elapsed_s' is {checked['elapsed_s']}, below 0")
+        order_file = path / DATA_ORDER_FILE
+        try:
+            # It lists every planned step's example indices: megabytes for long runs.
+            order = read_json(
+                order_file, what="data order", max_bytes=LARGE_JSON_BYTES, error=TrainingError
+            )
+        except FileNotFoundError:
+            raise TrainingError(f"{order_file} is missing: the checkpoint is incomplete") from None
+        steps = field(order, "steps", list, str(order_file), error=TrainingError)
+        return checked, steps
 
     # ------------------------------------------------------------- running
     def _record(self, record: dict[str, Any]) -> None:

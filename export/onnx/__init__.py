@@ -2,6 +2,8 @@
 
 - :mod:`~adaption_fx.export.onnx.exporter`: ``to_onnx``, the entry point;
 - :mod:`~adaption_fx.export.onnx.plan`: what a file holds (graph, inputs, outputs, metadata);
+- :mod:`~adaption_fx.export.onnx.metadata`: reading a file's metadata back, every field
+  checked against its bounds and the graph (``OnnxFileError``);
 - :mod:`~adaption_fx.export.onnx.translate`: FX to ONNX (all private ``torch.onnx`` use);
 - :mod:`~adaption_fx.export.onnx.quantize`: int4/int8 weights (``MatMulNBits``), and
   ``dequantized_weights`` to read them back;

@@ -456,52 +456,93 @@ def dequantized_weights(path: str | Any) -> dict[str, np.ndarray]:
     (empty for an fp32 file): what the file computes with, for checks against a source.
 
     Raises:
-        ValueError: the file's ``adaption_fx`` metadata or its blocks are not what
-            ``to_onnx`` writes.
+        FileNotFoundError: there is no file at ``path``.
+        OnnxFileError: (a ``ValueError``) the file is not a readable ONNX file, or its
+            ``adaption_fx`` metadata or its blocks are not what ``to_onnx`` writes.
     """
-    import json
-
     import onnx
+    from google.protobuf.message import DecodeError
     from onnx import numpy_helper
 
+    from adaption_fx.export.onnx.metadata import OnnxFileError, parse_metadata
     from adaption_fx.export.onnx.plan import METADATA_KEY
 
     path = Path(path)
-    model = onnx.load(str(path))
-    props = {p.key: p.value for p in model.metadata_props}
+    if not path.is_file():
+        raise FileNotFoundError(f"no ONNX file at {str(path)!r}")
     try:
-        metadata = json.loads(props.get(METADATA_KEY, "{}"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: its {METADATA_KEY!r} metadata is not JSON: {exc}") from exc
+        # onnx refuses external data outside the file's directory (absolute paths, "..",
+        # links out) and offsets or lengths past the data file's end.
+        model = onnx.load(str(path))
+    except (DecodeError, onnx.checker.ValidationError, ValueError, OSError) as exc:
+        raise OnnxFileError(f"{path}: not a readable ONNX file: {exc}") from None
+    if not model.HasField("graph"):  # an empty file parses as an empty model
+        raise OnnxFileError(f"{path}: not a readable ONNX file: it holds no graph")
+    props = {p.key: p.value for p in model.metadata_props}
+    metadata = parse_metadata(props.get(METADATA_KEY), path)
     schemes = metadata.get("weights", {}).get("schemes", {})
     arrays = {i.name: i for i in model.graph.initializer}
     out = {}
     for name, entry in schemes.items():
-        stem = entry.get("initializer", name.replace(".", "_"))
-        rows = slice(*entry["rows"]) if "rows" in entry else slice(None)
+        stem = entry.get("initializer") or name.replace(".", "_")
+        where = f"{path}: the blocks of {name!r} (metadata field 'weights.schemes')"
 
-        def read(key: str, stem: str = stem) -> np.ndarray | None:
+        def read(key: str, stem: str = stem, where: str = where) -> np.ndarray | None:
             tensor = arrays.get(f"{stem}.{key}")
-            return None if tensor is None else numpy_helper.to_array(tensor)
+            if tensor is None:
+                return None
+            try:
+                return numpy_helper.to_array(tensor)
+            except (ValueError, TypeError) as exc:  # data that does not fill its shape
+                raise OnnxFileError(f"{where}: initializer {stem}.{key}: {exc}") from None
 
         packed, scales = read("packed"), read("scales")
         if packed is None or scales is None:
-            raise ValueError(f"{path}: the blocks of {name!r} are missing")
-        bits = int(entry["bits"])
+            raise OnnxFileError(f"{where}: are missing")
+        bits = entry["bits"]
+        rows, blocks_per_row = scales.shape if scales.ndim == 2 else (-1, -1)
+        if (
+            scales.ndim != 2
+            or packed.shape != (rows, blocks_per_row, BLOCK * bits // 8)
+            or packed.dtype != np.uint8
+            or not np.issubdtype(scales.dtype, np.floating)
+        ):
+            raise OnnxFileError(
+                f"{where}: packed {packed.dtype} {packed.shape} and scales {scales.dtype} "
+                f"{scales.shape} are not {bits}-bit blocks of {BLOCK} (packed uint8 (N, K/"
+                f"{BLOCK}, {BLOCK * bits // 8}), scales (N, K/{BLOCK}))"
+            )
         zero_points = read("zero_points_unpacked")
         if zero_points is None:
             zero_points = read("zero_points")
             if zero_points is None:
-                raise ValueError(f"{path}: the zero points of {name!r} are missing")
-            if bits == 4:
-                zero_points = unpack_nibbles(zero_points, scales.shape[1])
+                raise OnnxFileError(f"{where}: the zero points are missing")
+            if bits == 4 and zero_points.dtype == np.uint8:
+                zero_points = unpack_nibbles(zero_points, blocks_per_row)
         minimums = read("minimums")
         if minimums is None and (transposed := read("minimums_t")) is not None:
             minimums = np.ascontiguousarray(transposed.T)
-        if minimums is not None:
-            minimums = minimums[rows]
+        for what, array in (("zero points", zero_points), ("minimums", minimums)):
+            if array is not None and array.shape != scales.shape:
+                raise OnnxFileError(
+                    f"{where}: {what} of shape {array.shape}, not the scales' {scales.shape}"
+                )
+        if zero_points.dtype != np.uint8:
+            raise OnnxFileError(f"{where}: zero points of dtype {zero_points.dtype}, not uint8")
+        # Rows of a stacked weight: a slice of the blocks, within them.
+        start, stop = entry.get("rows", [0, rows])
+        if stop > rows:
+            raise OnnxFileError(
+                f"{where}: metadata rows [{start}, {stop}] reach past the {rows} rows it has"
+            )
+        chosen = slice(start, stop)
         blocks = BlockWeight(
-            bits, packed[rows], scales[rows], zero_points[rows], minimums, entry["scheme"]
+            bits,
+            packed[chosen],
+            scales[chosen].astype(np.float32, copy=False),
+            zero_points[chosen],
+            None if minimums is None else minimums[chosen].astype(np.float32, copy=False),
+            entry["scheme"],
         )
         out[name] = blocks.dequantize()
     return out
