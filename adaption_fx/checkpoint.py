@@ -117,6 +117,21 @@ def _trainer_weights(root: Path) -> Path | None:
     return path if not (root / CONFIG_NAME).is_file() and path.is_file() else None
 
 
+def config_file(directory: PathLike) -> Path:
+    """The file an adapter directory's config is read from: adapter_config.json, or a
+    plain Trainer's model.safetensors where that is absent (for messages naming it)."""
+    root = Path(directory)
+    return _trainer_weights(root) or root / CONFIG_NAME
+
+
+def _weights_file(root: Path) -> Path:
+    # PEFT's adapter_model.safetensors, or a plain Trainer's model.safetensors.
+    path = _trainer_weights(root) or root / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {str(root)!r}")
+    return path
+
+
 def split_config_entry(
     state: Mapping[str, Any],
 ) -> tuple[dict[str, torch.Tensor], Any]:
@@ -168,9 +183,7 @@ def _config_of_trainer_weights(path: Path) -> dict[str, Any]:
                 )
             value = f.get_tensor(EXTRA_STATE_KEY)
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}"
-        ) from exc
+        raise _unreadable(path, exc) from exc
     return config_from_tensor(value, str(path))
 
 
@@ -188,18 +201,13 @@ def read_adapter_state(
     the file's header (names, shapes, dtypes) is checked against it before any tensor is
     read, so a file or config that disagrees costs nothing to refuse; ``config`` describes
     the config fields the shapes follow from, for the messages."""
-    root = Path(directory)
-    if (trainer_file := _trainer_weights(root)) is not None:
-        path, prefix = trainer_file, ""
-    else:
-        path, prefix = root / WEIGHTS_NAME, PEFT_KEY_PREFIX
-        if not path.is_file():
-            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {str(root)!r}")
+    path = _weights_file(Path(directory))
+    prefix = PEFT_KEY_PREFIX if path.name == WEIGHTS_NAME else ""  # the Trainer's: our keys
     if expected is not None:
         header = tensor_header(path)
         if not prefix:  # the Trainer's file holds the config too
             header.pop(EXTRA_STATE_KEY, None)
-        ours = {k.removeprefix(prefix) if prefix else k: v for k, v in header.items()}
+        ours = {k.removeprefix(prefix): v for k, v in header.items()}
         check_header(ours, expected, str(path), config)
     if not prefix:
         tensors, _ = split_config_entry(_load_safetensors(path))
@@ -215,11 +223,8 @@ def check_sizes_against_tensors(directory: PathLike, adapter_len: int, adapter_l
     model is at hand: ``adapter_layers`` prompts, each of ``adapter_len`` tokens. A config
     that asks for more than its file holds is refused (CheckpointError naming the field)
     without reading a tensor."""
-    root = Path(directory)
-    path = _trainer_weights(root) or root / WEIGHTS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {str(root)!r}")
-    config = root / CONFIG_NAME if path.name == WEIGHTS_NAME else path
+    path = _weights_file(Path(directory))
+    config = config_file(directory)
     prompts = {
         key: shape
         for key, (shape, _) in tensor_header(path).items()
@@ -251,9 +256,7 @@ def tensor_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
                 header[key] = (tuple(tensor.get_shape()), tensor.get_dtype())
             return header
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}"
-        ) from exc
+        raise _unreadable(path, exc) from exc
 
 
 def check_header(
@@ -329,12 +332,10 @@ def _umask() -> int:
     return mask
 
 
-def read_tensors(directory: PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of ``directory/adapter_model.safetensors``, with clear errors."""
-    path = Path(directory) / WEIGHTS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {str(Path(directory))!r}")
-    return _load_safetensors(path)
+def _unreadable(path: Path, exc: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}"
+    )
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -344,9 +345,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}"
-        ) from exc
+        raise _unreadable(path, exc) from exc
 
 
 def write_tensors(directory: Path, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -56,8 +56,12 @@ def read_json(
         raise error(
             f"{path}: the {what} is {size} bytes, more than the {max_bytes} such a file can be"
         )
+    with path.open("rb") as f:  # the bound holds for a file that grew since stat
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise error(f"{path}: the {what} is more than the {max_bytes} bytes such a file can be")
     try:
-        text = path.read_bytes()[: max_bytes + 1].decode("utf-8")
+        text = data.decode("utf-8")
         value = json.loads(text, parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise error(f"{path}: the {what} is not valid JSON: {exc}") from None

@@ -803,9 +803,7 @@ class AdaptedModel(HuggingFaceModelAPI, torch.nn.Module):
         config = AdaptionConfig.from_pretrained(folder)
         # The config's sizes are checked against the model and the file's header before
         # anything is allocated: a config asking for adapter_len=10**9 costs nothing.
-        config_file = folder / ckpt.CONFIG_NAME
-        if not config_file.is_file():  # a plain Trainer's file: the config is inside it
-            config_file = folder / ckpt.TRAINER_WEIGHTS_NAME
+        config_file = ckpt.config_file(folder)
         if config.adapter_layers > len(self.sites):
             raise ckpt.CheckpointError(
                 f"{config_file}: the checkpoint does not fit: field 'adapter_layers' is "
